@@ -1,0 +1,192 @@
+"""
+The generation engine shared by sample.py, chat.py, eval.py and rl.py: model.generate (KV cache, batched
+samples, sampling, streaming) plus the calculator tool.
+
+Tool use: when the model writes <|python_start|>expression<|python_end|>, the engine evaluates the
+expression with a whitelisted AST evaluator (never Python's eval) and forces
+<|output_start|>result<|output_end|> into the sequence; the model continues from there. A refused or
+failing expression produces an error text as the output, never an exception.
+"""
+
+import ast
+import math
+import operator
+import signal
+import threading
+
+# -----------------------------------------------------------------------------------------------------
+# the calculator
+
+MAX_EXPRESSION_CHARS = 200
+MAX_STRING_CHARS = 1000
+MAX_EXPONENT = 1000
+MAX_RESULT_DIGITS = 200  # integers beyond this many digits are refused
+MAX_NODES = 100
+TIME_LIMIT_S = 0.1
+
+BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+STRING_METHODS = {"count", "lower", "upper", "strip", "replace", "find", "startswith", "endswith"}
+
+
+class CalculatorError(Exception):
+    pass
+
+
+def check_number(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    if isinstance(x, int) and abs(x) >= 10 ** MAX_RESULT_DIGITS:
+        raise CalculatorError("result too large")
+    if isinstance(x, float) and not math.isfinite(x):
+        raise CalculatorError("result is not a finite number")
+    return x
+
+
+def evaluate_node(node):
+    if isinstance(node, ast.Expression):
+        return evaluate_node(node.body)
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float, str)):
+            raise CalculatorError(f"constant {node.value!r} not allowed")
+        if isinstance(node.value, str) and len(node.value) > MAX_STRING_CHARS:
+            raise CalculatorError("string too long")
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPS:
+        operand = evaluate_node(node.operand)
+        if not isinstance(operand, (int, float)):
+            raise CalculatorError("unary operators need a number")
+        return check_number(UNARY_OPS[type(node.op)](operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
+        left, right = evaluate_node(node.left), evaluate_node(node.right)
+        if not all(isinstance(v, (int, float)) for v in (left, right)):
+            raise CalculatorError("arithmetic needs numbers")
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > MAX_EXPONENT:
+                raise CalculatorError("exponent too large")
+            # bound the size of the result before computing it: digits ~ exponent * log10(|base|)
+            if abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > MAX_RESULT_DIGITS:
+                raise CalculatorError("result too large")
+        try:
+            return check_number(BINARY_OPS[type(node.op)](left, right))
+        except ZeroDivisionError:
+            raise CalculatorError("division by zero") from None
+        except (OverflowError, ValueError) as e:
+            raise CalculatorError(str(e)) from None
+    if isinstance(node, ast.Call):
+        # len("text") and "text".count("t") and a few other string helpers; no other calls
+        if isinstance(node.func, ast.Name) and node.func.id == "len" and len(node.args) == 1 and not node.keywords:
+            value = evaluate_node(node.args[0])
+            if not isinstance(value, str):
+                raise CalculatorError("len() takes a string")
+            return len(value)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in STRING_METHODS and not node.keywords:
+            target = evaluate_node(node.func.value)
+            args = [evaluate_node(a) for a in node.args]
+            if not isinstance(target, str) or not all(isinstance(a, str) for a in args) or len(args) > 2:
+                raise CalculatorError(f".{node.func.attr}() is allowed on strings with string arguments only")
+            result = getattr(target, node.func.attr)(*args)
+            if isinstance(result, str) and len(result) > MAX_STRING_CHARS:
+                raise CalculatorError("string too long")
+            return result
+        raise CalculatorError("only len() and string methods may be called")
+    raise CalculatorError(f"{type(node).__name__} not allowed")
+
+
+def format_result(value):
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(round(value, 6))
+    return str(value)
+
+
+def calculator(expression):
+    """
+    The value of an arithmetic expression as text, or 'error: ...'. Allowed: numbers, + - * / // % **,
+    parentheses, unary minus, string literals with len() and a few string methods (count, lower, ...).
+    Limits: expression length, AST size, exponent, result size and a time limit.
+    """
+    expression = expression.strip().replace(",", "") if _looks_numeric(expression) else expression.strip()
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        return "error: expression too long"
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, ValueError):
+        return "error: not a valid expression"
+    if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
+        return "error: expression too complex"
+    try:
+        return format_result(_with_time_limit(lambda: evaluate_node(tree), TIME_LIMIT_S))
+    except CalculatorError as e:
+        return f"error: {e}"
+    except TimeoutError:
+        return "error: took too long"
+    except Exception as e:  # nothing the model writes may crash the engine
+        return f"error: {type(e).__name__}"
+
+
+def _looks_numeric(expression):
+    # thousands separators ("1,200 * 3") are common in GSM8K; commas elsewhere (strings) stay
+    return '"' not in expression and "'" not in expression
+
+
+def _with_time_limit(fn, seconds):
+    """Run fn with a wall-clock limit (SIGALRM where available: main thread on Unix)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return fn()  # the size limits above still bound the work
+
+    def on_alarm(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -----------------------------------------------------------------------------------------------------
+# generation
+
+
+def make_tool_hook(tokenizer):
+    """A model.generate tool_hook: after <|python_end|>, the calculator's answer as tokens to force."""
+    python_start, python_end = tokenizer.special("<|python_start|>"), tokenizer.special("<|python_end|>")
+    output_start, output_end = tokenizer.special("<|output_start|>"), tokenizer.special("<|output_end|>")
+
+    def hook(sample_index, tokens):
+        if tokens[-1] != python_end:
+            return None
+        start = len(tokens) - 1 - tokens[::-1].index(python_start) if python_start in tokens else len(tokens) - 1
+        expression = tokenizer.decode([t for t in tokens[start + 1:-1] if not tokenizer.is_special(t)])
+        return [output_start] + tokenizer.encode(calculator(expression)) + [output_end]
+
+    return hook
+
+
+def generate(model, tokenizer, prompt, max_new_tokens=256, temperature=0.8, top_k=0, top_p=1.0, seed=None,
+             num_samples=1, tools=True, stop_tokens=None):
+    """
+    Stream continuations of prompt (token ids): yields (tokens, forced) per step as model.generate does.
+    Stops on <|assistant_end|> or <|bos|> by default. tools=True turns the calculator on.
+    """
+    if stop_tokens is None:
+        stop_tokens = [tokenizer.special("<|assistant_end|>"), tokenizer.bos_id]
+    hook = make_tool_hook(tokenizer) if tools else None
+    yield from model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop_tokens=stop_tokens, num_samples=num_samples, tool_hook=hook)
+
+
+def generate_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, seed=None, tools=True, **kw):
+    """The assistant's next reply to a conversation as (text, token ids): the non-streaming convenience."""
+    prompt = tokenizer.render_for_completion(messages)
+    ids = []
+    for tokens, _ in generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, seed=seed,
+                              tools=tools, **kw):
+        ids.append(tokens[0])
+    text_ids = [t for t in ids if not tokenizer.is_special(t)]
+    return tokenizer.decode(text_ids), ids

@@ -1,0 +1,455 @@
+"""
+The Transformer: Llama architecture, the same math as llama2.c's forward pass.
+
+    token embedding
+    n_layers x [ x = x + attention(rmsnorm(x))   (RoPE, grouped-query heads)
+                 x = x + feed_forward(rmsnorm(x)) (SwiGLU) ]
+    rmsnorm -> output head (tied to the embedding or not)
+
+Weight names follow llama2.c (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...) and RoPE
+rotates interleaved pairs (x[2i], x[2i+1]) like llama2.c's run.c, so an exported model runs there too.
+Also here, because every stage needs them: KV-cache generation with sampling and a tool hook, the
+optimizer set-up, the FLOPs/MFU estimate, and checkpoint saving/loading.
+"""
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 0  # 0 means n_heads (plain multi-head attention); fewer shares each K/V head between heads
+    vocab_size: int = 4096
+    hidden_dim: int = 0  # 0 means llama's rule: 2/3 of 4*dim, rounded up to a multiple of multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim == 0:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(f"head size dim/n_heads={self.dim // self.n_heads} must be even for RoPE")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32 even under autocast, as llama does
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim, max_seq_len, theta):
+    """cos and sin of the rotation angle pos * theta^(-2i/head_dim), each (max_seq_len, head_dim/2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]); x is (B, T, n_heads, head_dim), cos/sin (T, head_dim/2)."""
+    x_pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = x_pairs.unbind(-1)  # (B, T, nh, hd/2) each
+    cos = cos.view(1, cos.shape[0], 1, cos.shape[1])
+    sin = sin.view(1, sin.shape[0], 1, sin.shape[1])
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far; one position for the whole batch."""
+
+    def __init__(self, args, batch_size, max_len, device, dtype):
+        head_dim = args.dim // args.n_heads
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_kv_heads, T, hd) at the current position; return all keys and values so far."""
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_id, k, v)  # (B, n_kv, start+T, hd)
+        if self.n_kv_heads != self.n_heads:
+            # grouped-query attention: each K/V head serves n_heads/n_kv_heads query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:
+            # new queries at positions start..start+T-1 see every cached key up to their own position
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        rope_cos, rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        # not persistent: they are derived from the args, so checkpoints and exports never carry them
+        self.register_buffer("rope_cos", rope_cos, persistent=False)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        # Small-scale initialization (chosen by bench/loss_per_second.py, see the README):
+        # - every matrix ~ N(0, 0.02), the GPT-2/llama2.c default, which keeps activations O(1) at these widths;
+        # - the two projections that write into the residual stream (wo, w2) start at zero, so every block is
+        #   the identity at step 0 and the residual stream starts as the clean embedding. Gradients reach
+        #   wq/wk/wv/w1/w3 from the second step on. At 1-10M parameters this reaches a given loss sooner than
+        #   GPT-2's 0.02/sqrt(2*n_layers) scaling of the same projections.
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, tokens, targets=None, kv_cache=None, loss_reduction="mean"):
+        """
+        tokens (B, T) -> logits (B, T, vocab_size), and the cross-entropy loss when targets are given.
+        targets == -1 are ignored (masked out). loss_reduction: 'mean' over counted targets, 'sum', or
+        'none' for a (B, T) tensor of per-token losses (0 where ignored).
+        With a kv_cache, tokens continue at position kv_cache.pos, and the cache advances by T.
+        """
+        B, T = tokens.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.output(self.norm(h))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction="none" if loss_reduction == "none" else loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(B, T)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                 stop_tokens=(), num_samples=1, tool_hook=None):
+        """
+        Sample continuations of one prompt (a list of token ids), num_samples of them in one batch.
+        A generator: each step yields (tokens, forced), two lists of length num_samples; tokens[i] is the
+        next token of sample i, or None once sample i has stopped (it produced a stop token or reached
+        max_new_tokens); forced[i] is True when tokens[i] was inserted by tool_hook rather than sampled.
+        Cost: one forward pass over the prompt, then one single-token step per new token (KV cache).
+        temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters.
+        tool_hook(sample_index, tokens_so_far) -> list of ids to force next (or None): lets a caller such
+        as the calculator tool write text into the sequence; forced tokens go through the model like
+        sampled ones, and a forced stop token does not end the sample.
+        The context window bounds everything: generation stops at max_seq_len.
+        """
+        if len(prompt) == 0:
+            raise ValueError("generate() needs a prompt of at least one token (usually <|bos|>)")
+        device = self.tok_embeddings.weight.device
+        max_len = min(self.args.max_seq_len, len(prompt) + max_new_tokens)
+        if len(prompt) >= max_len:
+            return
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        cache = KVCache(self.args, num_samples, max_len, device, self.tok_embeddings.weight.dtype)
+        stop_tokens = set(stop_tokens)
+        sequences = [list(prompt) for _ in range(num_samples)]
+        forced_queue = [[] for _ in range(num_samples)]
+        done = [False] * num_samples
+        inputs = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+        for step in range(max_len - len(prompt)):
+            logits, _ = self(inputs, kv_cache=cache)
+            sampled = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator).tolist()
+            tokens, forced = [], []
+            for i in range(num_samples):
+                if done[i]:
+                    tokens.append(None)
+                    forced.append(False)
+                    continue
+                was_forced = len(forced_queue[i]) > 0
+                token = forced_queue[i].pop(0) if was_forced else sampled[i]
+                sequences[i].append(token)
+                tokens.append(token)
+                forced.append(was_forced)
+                if not was_forced and token in stop_tokens:
+                    done[i] = True
+                elif tool_hook is not None and not forced_queue[i]:
+                    forced_queue[i] = list(tool_hook(i, sequences[i]) or [])
+            yield tokens, forced
+            if all(done):
+                return
+            # finished samples keep feeding a dummy token; their outputs are ignored
+            next_inputs = [t if t is not None else prompt[0] for t in tokens]
+            inputs = torch.tensor(next_inputs, dtype=torch.long, device=device).view(num_samples, 1)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_k / top_p keep the most likely tokens."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth_value = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_value, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+        # keep the smallest set of most likely tokens whose total reaches top_p (always at least one)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return sorted_ids.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizer and FLOPs
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW; weight decay on matrices (linear weights and the embedding), none on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the fused kernel is one launch per step instead of one per tensor; it exists on CUDA and CPU
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def count_params(model, non_embedding=False):
+    """Unique parameters (a tied head counts once). non_embedding drops the input embedding table."""
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if non_embedding:
+        n -= model.tok_embeddings.weight.numel()
+    return n
+
+
+def flops_per_token(args: ModelArgs, seq_len):
+    """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores and mixing."""
+    head_dim = args.dim // args.n_heads
+    per_layer = (args.dim * args.n_heads * head_dim            # wq
+                 + 2 * args.dim * args.n_kv_heads * head_dim   # wk, wv
+                 + args.n_heads * head_dim * args.dim          # wo
+                 + 3 * args.dim * args.hidden_dim)             # w1, w2, w3
+    matmul_weights = args.n_layers * per_layer + args.dim * args.vocab_size  # + output head
+    attention = 12 * args.n_layers * args.dim * seq_len  # q@k and att@v, forward and backward
+    return 6 * matmul_weights + attention
+
+
+# peak dense bf16 tensor FLOP/s of common GPUs, for MFU
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12,
+                  "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def measure_matmul_flops(device="cpu", dtype=torch.float32, size=1024, seconds=0.5):
+    """Measured FLOP/s of a square matmul on this device: the practical peak that MFU is taken against on CPU."""
+    generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout, resume) alone
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    a @ b  # warm up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * n / (time.perf_counter() - t0)
+
+
+def peak_flops(device):
+    """The FLOP/s that MFU is measured against: the GPU's bf16 peak, or this CPU's measured fp32 matmul peak."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return measure_matmul_flops(device, torch.bfloat16, size=4096)
+    return measure_matmul_flops(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save through a temporary file, fsync, then rename: a crash or kill mid-save leaves the old file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_args_from_dict(d, source="checkpoint"):
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown model arguments {sorted(unknown)}; expected some of {sorted(known)}")
+    return ModelArgs(**d)
+
+
+def load_state_dict_checked(model, state_dict, source):
+    """load_state_dict with an error that names the mismatched tensors and their shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"{source}: weights do not match the model shape"]
+        if wrong_shape:
+            lines.append("  wrong shape: " + "; ".join(wrong_shape[:5]))
+        if missing:
+            lines.append(f"  missing: {missing[:5]}")
+        if unexpected:
+            lines.append(f"  unexpected: {unexpected[:5]}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict)
+
+
+def load_checkpoint(path, device="cpu"):
+    """
+    The one way to load a checkpoint for use: returns (model in eval mode, tokenizer, checkpoint dict).
+    Loads with weights_only=True (no code in a checkpoint can run).
+    """
+    from tokenizer import Tokenizer
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found (train.py writes out_dir/ckpt.pt and out_dir/best.pt)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("model_args", "model", "tokenizer"):
+        if key not in checkpoint:
+            raise ValueError(f"{path}: checkpoint has no '{key}' entry; was it written by train.py?")
+    args = model_args_from_dict(checkpoint["model_args"], path)
+    model = Transformer(args)
+    load_state_dict_checked(model, checkpoint["model"], path)
+    model.to(device).eval()
+    tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}")
+    return model, tokenizer, checkpoint
+
+
+def model_args_dict(args: ModelArgs):
+    return asdict(args)

@@ -1,0 +1,244 @@
+"""
+Evaluation sets, normalized to the records of DESIGN.md, one JSONL file per task and split:
+
+    multiple choice: {"id", "question", "choices": [...], "answer": <index>}  (+ "context", "subject" where known)
+    GSM8K:           {"id", "question", "answer": "<final number>", "solution": "..."}
+
+    python prepare/tasks.py                                   # all tasks, from the official sources
+    python prepare/tasks.py --source ../shared/data           # from a local copy laid out like ../shared/data
+    python prepare/tasks.py --tasks arc_easy,gsm8k --out data/tasks
+
+Writes data/tasks/<task>/<split>.jsonl (splits: train, val, test and MMLU's dev; whichever the source has).
+eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare.common import download  # noqa: E402
+
+OPENBOOKQA_URL = "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip"
+ARC_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+
+TASKS = ["openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag", "gsm8k"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsers: raw file text -> normalized records
+
+
+def read_jsonl_lines(text, source):
+    """Parsed JSON objects of a JSONL text; a malformed line is an error that names source:line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{number}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+    return records
+
+
+def parse_ai2_multiple_choice(text, source):
+    """OpenBookQA and ARC: {id, question: {stem, choices: [{text, label}]}, answerKey} (+ fact1 in OpenBookQA)."""
+    records = []
+    for raw in read_jsonl_lines(text, source):
+        try:
+            labels = [c["label"] for c in raw["question"]["choices"]]
+            record = {"id": raw["id"], "question": raw["question"]["stem"],
+                      "choices": [c["text"] for c in raw["question"]["choices"]],
+                      "answer": labels.index(raw["answerKey"])}
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{source}: record {raw.get('id', '?')}: expected question.stem, question.choices and "
+                             f"an answerKey among the labels ({e})") from None
+        if raw.get("fact1"):
+            record["context"] = raw["fact1"]
+        records.append(record)
+    return records
+
+
+def parse_mmlu_csv(text, source, subject):
+    """MMLU: headerless CSV rows question, A, B, C, D, answer-letter."""
+    records = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if len(row) != 6 or row[5] not in "ABCD" or not row[5]:
+            raise ValueError(f"{source}:{number}: expected question,A,B,C,D,answer-letter; got {len(row)} fields")
+        records.append({"id": f"{subject}/{number}", "question": row[0], "choices": row[1:5],
+                        "answer": "ABCD".index(row[5]), "subject": subject})
+    return records
+
+
+def hellaswag_preprocess(text):
+    """lm-evaluation-harness's clean-up of HellaSwag text (WikiHow's [title]/[step] markers, double spaces)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def parse_hellaswag(text, source):
+    """HellaSwag: the question is lm-evaluation-harness's query: activity label + ': ' + context."""
+    records = []
+    for raw in read_jsonl_lines(text, source):
+        context = raw["ctx_a"] + " " + raw["ctx_b"].capitalize()
+        records.append({"id": str(raw["ind"]), "question": hellaswag_preprocess(raw["activity_label"] + ": " + context),
+                        "choices": [hellaswag_preprocess(e) for e in raw["endings"]],
+                        "answer": int(raw["label"]) if raw.get("label", "") != "" else -1})
+    return records
+
+
+def gsm8k_final_answer(solution):
+    """The number after '####' in a GSM8K solution, without thousands separators."""
+    if "####" not in solution:
+        return None
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def parse_gsm8k(text, source):
+    records = []
+    for number, raw in enumerate(read_jsonl_lines(text, source)):
+        answer = gsm8k_final_answer(raw.get("answer", ""))
+        if answer is None:
+            raise ValueError(f"{source}: record {number}: the solution has no '#### <answer>' line")
+        records.append({"id": f"gsm8k/{number}", "question": raw["question"], "answer": answer,
+                        "solution": raw["answer"]})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# where each task's files are: in a --source folder (its layout or the official archives') or downloaded
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def archive_member(archive_path, suffix):
+    """Text of the member of a .zip or .tar archive whose name ends with suffix."""
+    if zipfile.is_zipfile(archive_path):
+        with zipfile.ZipFile(archive_path) as z:
+            for name in z.namelist():
+                if name.endswith(suffix):
+                    return z.read(name).decode("utf-8")
+    else:
+        with tarfile.open(archive_path) as t:
+            for member in t.getmembers():
+                if member.name.endswith(suffix):
+                    return t.extractfile(member).read().decode("utf-8")
+    raise FileNotFoundError(f"{archive_path}: no member ending with {suffix}")
+
+
+def find_file(source, candidates):
+    for relative in candidates:
+        path = os.path.join(source, relative)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_task(task, split, source=None):
+    """
+    Normalized records of one task split. source: a folder laid out like ../shared/data or holding the
+    official files; None downloads the official files. Returns None when the source lacks that split.
+    """
+    if split not in ("train", "val", "test", "dev"):
+        raise ValueError(f"unknown split {split!r}; expected train, val, test or dev (MMLU's few-shot examples)")
+    if task == "openbookqa":
+        name = {"train": "train", "val": "dev", "test": "test"}.get(split)
+        if name is None:
+            return None
+        if source:
+            path = find_file(source, [f"openbookqa/{name}.jsonl", f"{name}.jsonl", f"Data/Main/{name}.jsonl",
+                                      f"OpenBookQA-V1-Sep2018/Data/Main/{name}.jsonl"])
+            return parse_ai2_multiple_choice(read_text(path), path) if path else None
+        return parse_ai2_multiple_choice(archive_member(download(OPENBOOKQA_URL), f"Data/Main/{name}.jsonl"), name)
+    if task in ("arc_easy", "arc_challenge"):
+        level = "Easy" if task == "arc_easy" else "Challenge"
+        if split == "dev":
+            return None
+        name = f"ARC-{level}-" + {"train": "Train", "val": "Dev", "test": "Test"}[split] + ".jsonl"
+        if source:
+            path = find_file(source, [f"{task}/{name}", name, f"ARC-{level}/{name}", f"ARC-V1-Feb2018-2/ARC-{level}/{name}"])
+            return parse_ai2_multiple_choice(read_text(path), path) if path else None
+        return parse_ai2_multiple_choice(archive_member(download(ARC_URL), f"ARC-{level}/{name}"), name)
+    if task == "mmlu":
+        name = {"dev": "dev", "val": "val", "test": "test"}.get(split)
+        if name is None:
+            return None
+        if source:
+            folder = next((os.path.join(source, c) for c in (f"mmlu/{name}", name, f"data/{name}")
+                           if os.path.isdir(os.path.join(source, c))), None)
+            if folder is None:
+                return None
+            files = sorted(f for f in os.listdir(folder) if f.endswith(f"_{name}.csv"))
+            return [r for f in files for r in parse_mmlu_csv(read_text(os.path.join(folder, f)),
+                                                             os.path.join(folder, f), f[:-len(f"_{name}.csv")])]
+        records = []
+        with tarfile.open(download(MMLU_URL)) as t:
+            for member in sorted(t.getmembers(), key=lambda m: m.name):
+                if member.name.startswith(f"data/{name}/") and member.name.endswith(f"_{name}.csv"):
+                    subject = os.path.basename(member.name)[:-len(f"_{name}.csv")]
+                    records += parse_mmlu_csv(t.extractfile(member).read().decode("utf-8"), member.name, subject)
+        return records
+    if task == "hellaswag":
+        if split not in ("train", "val"):
+            return None  # the public test split has no labels
+        if source:
+            path = find_file(source, [f"hellaswag/hellaswag_{split}.jsonl", f"hellaswag_{split}.jsonl"] +
+                             (["hellaswag/hellaswag.jsonl"] if split == "val" else []))
+            return parse_hellaswag(read_text(path), path) if path else None
+        path = download(HELLASWAG_URL.format(split=split))
+        return parse_hellaswag(read_text(path), path)
+    if task == "gsm8k":
+        if split not in ("train", "test"):
+            return None
+        if source:
+            path = find_file(source, [f"gsm8k/{split}.jsonl", f"{split}.jsonl", f"grade_school_math/data/{split}.jsonl"])
+            return parse_gsm8k(read_text(path), path) if path else None
+        path = download(GSM8K_URL.format(split=split))
+        return parse_gsm8k(read_text(path), path)
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def read_task_file(path):
+    """Records of a normalized task file written by this script."""
+    with open(path, encoding="utf-8") as f:
+        return read_jsonl_lines(f.read(), path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--source", default=None, help="a local folder with the files (default: download)")
+    parser.add_argument("--out", default="data/tasks", help="output folder")
+    args = parser.parse_args()
+    for task in args.tasks.split(","):
+        for split in ("train", "val", "test", "dev"):
+            try:
+                records = load_task(task, split, args.source)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                sys.exit(f"error: {task} {split}: {e}")
+            if not records:
+                continue
+            os.makedirs(os.path.join(args.out, task), exist_ok=True)
+            path = os.path.join(args.out, task, f"{split}.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            print(f"{task:14s} {split:5s} {len(records):6d} records -> {path}")
+
+
+if __name__ == "__main__":
+    main()

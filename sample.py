@@ -1,0 +1,76 @@
+"""
+Sample from a trained model.
+
+    python sample.py --out_dir=out                       # out/best.pt if it exists, else out/ckpt.pt
+    python sample.py --ckpt=out/ckpt.pt --start="Once upon a time" --temperature=0.8 --top_p=0.9
+    python sample.py --start=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from configurator import configure
+import engine
+from model import load_checkpoint
+
+# -----------------------------------------------------------------------------------------------------
+out_dir = "out"
+ckpt = ""  # a checkpoint path; empty = out_dir/best.pt, or out_dir/ckpt.pt when there is no best.pt
+start = ""  # the prompt; "FILE:path" reads it from a file; empty = start from <|bos|> alone
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8  # 0 = greedy
+top_k = 0  # 0 = off
+top_p = 0.95  # 1.0 = off
+seed = 1337
+device = "cpu"
+stop_at_bos = True  # end a sample when the model starts a new document
+show_tokens = False  # print the token ids too (to compare with ./run or another implementation)
+# -----------------------------------------------------------------------------------------------------
+configure(globals())
+
+if not ckpt:
+    best = os.path.join(out_dir, "best.pt")
+    ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+try:
+    model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+if start.startswith("FILE:"):
+    with open(start[len("FILE:"):], encoding="utf-8") as f:
+        start = f.read()
+prompt = tokenizer.encode(start, bos=True)
+stop_tokens = [tokenizer.bos_id] if stop_at_bos else []
+print(f"{ckpt}: step {checkpoint.get('iter_num', '?')}, prompt of {len(prompt)} tokens", file=sys.stderr)
+
+n_tokens, t0 = 0, time.time()
+for k in range(num_samples):
+    sys.stdout.write(start)
+    pending = b""  # bytes of a character split across tokens wait for the rest
+    generated = []
+    for tokens, _ in engine.generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed + k, tools=False, stop_tokens=stop_tokens):
+        token = tokens[0]
+        generated.append(token)
+        n_tokens += 1
+        if token in stop_tokens:
+            break
+        pending += tokenizer.decode_bytes([token])
+        try:
+            sys.stdout.write(pending.decode("utf-8"))
+            pending = b""
+        except UnicodeDecodeError:
+            if len(pending) > 8:  # not a split character: show it as it is
+                sys.stdout.write(pending.decode("utf-8", errors="replace"))
+                pending = b""
+        sys.stdout.flush()
+    sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+    if show_tokens:
+        print(f"tokens: {' '.join(map(str, generated))}")
+    if k < num_samples - 1:
+        print("---------------")
+elapsed = time.time() - t0
+print(f"{n_tokens} tokens in {elapsed:.2f}s: {n_tokens / elapsed:.1f} tokens/s", file=sys.stderr)

@@ -1,0 +1,62 @@
+"""configurator.py: config files in order, then overrides; clear errors for wrong keys and types."""
+
+import pytest
+
+from configurator import ConfigError, configure
+
+
+def settings():
+    return {"learning_rate": 1e-3, "max_iters": 100, "compile": True, "out_dir": "out", "hidden_dim": 0,
+            "init_from": "scratch", "wandb_run_name": "run"}
+
+
+def test_files_in_order_then_overrides(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("max_iters = 500\nlearning_rate = 3e-4\n")
+    b = tmp_path / "b.py"
+    b.write_text("# b reads what a set\nmax_iters = max_iters * 2\nimport math\nhidden_dim = int(math.sqrt(16))\n")
+    ns = settings()
+    configure(ns, [str(a), str(b), "--learning_rate=1e-2", "--compile=False", "--out_dir=123"], verbose=False)
+    assert ns["max_iters"] == 1000 and ns["hidden_dim"] == 4
+    assert ns["learning_rate"] == 1e-2 and ns["compile"] is False
+    assert ns["out_dir"] == "123"  # a string setting keeps the text as typed
+
+
+def test_override_value_forms():
+    ns = settings()
+    configure(ns, ["--compile=false", "--max_iters=1e4", "--learning_rate=1", "--init_from=out/best.pt"], verbose=False)
+    assert ns["compile"] is False and ns["max_iters"] == 10000 and ns["learning_rate"] == 1.0
+    assert isinstance(ns["learning_rate"], float) and ns["init_from"] == "out/best.pt"
+    configure(ns, ["--compile=True"], verbose=False)
+    assert ns["compile"] is True
+
+
+def test_misspelled_key_names_the_nearest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat'; did you mean 'learning_rate'\?"):
+        configure(settings(), ["--learning_rat=1e-3"], verbose=False)
+    bad = tmp_path / "bad.py"
+    bad.write_text("max_iter = 10\n")
+    with pytest.raises(ConfigError, match=r"bad.py: unknown config key 'max_iter'; did you mean 'max_iters'\?"):
+        configure(settings(), [str(bad)], verbose=False)
+    with pytest.raises(ConfigError, match="valid keys"):
+        configure(settings(), ["--zzzz=1"], verbose=False)
+
+
+def test_wrong_type_names_the_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"max_iters expects int \(default 100\), got str 'many'"):
+        configure(settings(), ["--max_iters=many"], verbose=False)
+    with pytest.raises(ConfigError, match=r"compile expects bool"):
+        configure(settings(), ["--compile=maybe"], verbose=False)
+    with pytest.raises(ConfigError, match=r"max_iters expects int .* got float 2.5"):
+        configure(settings(), ["--max_iters=2.5"], verbose=False)
+    bad = tmp_path / "bad.py"
+    bad.write_text("learning_rate = 'fast'\n")
+    with pytest.raises(ConfigError, match=r"bad.py: learning_rate expects float"):
+        configure(settings(), [str(bad)], verbose=False)
+
+
+def test_malformed_arguments():
+    with pytest.raises(ConfigError, match="not found"):
+        configure(settings(), ["config/does_not_exist.py"], verbose=False)
+    with pytest.raises(ConfigError, match="expected --key=value"):
+        configure(settings(), ["--compile"], verbose=False)

@@ -1,0 +1,517 @@
+"""
+Train a model: pretraining, midtraining and SFT share this one loop over memmapped token files.
+
+    python train.py config/pretrain_tinystories.py
+    python train.py config/pretrain_tinystories.py --batch_size=32 --compile=True
+    torchrun --standalone --nproc_per_node=4 train.py config/pretrain_tinystories.py
+
+Every setting below can be changed by a config file or a --key=value override (configurator.py).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import (ModelArgs, Transformer, configure_optimizer, count_params, flops_per_token, load_state_dict_checked,
+                   model_args_from_dict, peak_flops, save_checkpoint)
+from tokenizer import Tokenizer, open_tokens, read_meta
+
+# -----------------------------------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 200  # evaluate, save ckpt.pt and maybe best.pt every this many steps
+log_interval = 10  # print (and log to out_dir/log.jsonl) every this many steps
+eval_iters = 20  # batches per split per evaluation
+eval_only = False  # evaluate once and exit
+keep_all_checkpoints = False  # also write ckpt_<iter>.pt at every evaluation
+patience = 0  # stop after this many evaluations without a better val loss; 0 = never
+init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | path to a .pt to fine-tune from
+overwrite = False  # allow a run from scratch to replace an existing out_dir/ckpt.pt
+wandb_log = False  # also log to Weights & Biases (works offline with WANDB_MODE=offline)
+wandb_project = "nanollama"
+wandb_run_name = "run"
+# data
+data_dir = "data"
+data = "tinyshakespeare"  # a prepared source in data_dir, or a weighted mix: 'wikitext:0.5,tinystories:0.5'
+batch_size = 16  # sequences per micro-batch
+block_size = 256  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-batches per step; effective batch = batch_size x this x world size
+# model (ignored when resuming or fine-tuning: the checkpoint decides the shape)
+dim = 288
+n_layers = 6
+n_heads = 6
+n_kv_heads = 0  # 0 = n_heads; fewer = grouped-query attention
+hidden_dim = 0  # 0 = llama's rule (about 8/3 x dim)
+multiple_of = 32
+norm_eps = 1e-5
+rope_theta = 10000.0
+max_seq_len = 0  # 0 = block_size
+dropout = 0.0
+tie_embeddings = True
+# optimizer (AdamW) and schedule: linear warmup, cosine decay to min_lr, then constant
+learning_rate = 1e-3
+max_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = no clipping
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 1e-4
+# system
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a gradient scaler)
+compile = False  # torch.compile the model (pays off on GPU; slow to start on CPU)
+seed = 1337
+deterministic = False  # bitwise-repeatable runs (slower on GPU)
+num_threads = 0  # CPU threads for torch; 0 = torch's default (all cores)
+# -----------------------------------------------------------------------------------------------------
+config = configure(globals())
+# -----------------------------------------------------------------------------------------------------
+
+# distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+def fail(message):
+    """Stop with a clear message and exit code 1 (no traceback: the message says what to do)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if ddp and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+def pick_device(requested):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        try:  # make sure MPS really runs, not just that it exists
+            (torch.ones(2, device="mps") * 2).cpu()
+            return "mps"
+        except Exception:
+            pass
+    return "cpu"
+
+
+device = pick_device(device)
+if ddp:
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+device_type = device.split(":")[0]
+if dtype == "auto":
+    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    fail(f"dtype={dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+if num_threads > 0:
+    torch.set_num_threads(num_threads)
+torch.manual_seed(seed + rank)
+if deterministic:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------------------------------
+# data: one or more prepared sources, each data_dir/<name>/{train,val}.bin + meta.json + tokenizer.json
+
+
+def parse_data_spec(spec):
+    """'a' or 'a:0.7,b:0.3' -> [(name, weight)] with weights summing to 1."""
+    sources = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        try:
+            weight = float(weight) if weight else 1.0
+        except ValueError:
+            fail(f"data={spec!r}: weight {weight!r} of source {name!r} is not a number")
+        if not name or weight <= 0:
+            fail(f"data={spec!r}: expected 'name' or 'name:weight,name:weight' with positive weights")
+        sources.append((name, weight))
+    total = sum(w for _, w in sources)
+    return [(name, w / total) for name, w in sources]
+
+
+data_sources = parse_data_spec(data)
+source_names = [name for name, _ in data_sources]
+source_weights = np.array([w for _, w in data_sources])
+metas = {}
+for name in source_names:
+    try:
+        metas[name] = read_meta(os.path.join(data_dir, name))
+        for split in ("train", "val"):
+            tokens = open_tokens(os.path.join(data_dir, name), split, metas[name])
+            if len(tokens) < block_size + 2:
+                fail(f"{data_dir}/{name}/{split}.bin has {len(tokens)} tokens, too few for block_size={block_size}")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+tokenizer_shas = {metas[name]["tokenizer_sha256"] for name in source_names}
+if len(tokenizer_shas) > 1:
+    fail(f"data={data!r}: the sources were prepared with different tokenizers; prepare them with the same one")
+data_tokenizer_sha = tokenizer_shas.pop()
+tokenizer_path = os.path.join(data_dir, source_names[0], "tokenizer.json")
+try:
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+if tokenizer.sha256 != data_tokenizer_sha:
+    fail(f"{tokenizer_path} does not match the tokenizer_sha256 in {data_dir}/{source_names[0]}/meta.json")
+
+
+def batch_rng(split, iter_num, micro_step):
+    """
+    The random generator for one micro-batch, derived from (seed, split, step, global micro-batch index).
+    No sampler state to save, so a resumed run draws exactly the batches an uninterrupted one would, and
+    DDP rank r's micro-batches are those a single process with world_size x the accumulation would draw.
+    """
+    global_micro = rank * gradient_accumulation_steps + micro_step
+    return np.random.default_rng([seed, {"train": 0, "val": 1}[split], iter_num, global_micro])
+
+
+def get_batch(split, rng, source=None):
+    """(x, y) of batch_size random windows of block_size+1 tokens from one source, chosen by weight."""
+    if source is None:
+        source = source_names[rng.choice(len(source_names), p=source_weights)]
+    # a fresh memmap per batch, as nanoGPT does: a long-lived one grows the process's resident memory
+    tokens = open_tokens(os.path.join(data_dir, source), split, metas[source])
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([tokens[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------------------------------
+# model, optimizer and state: from scratch, resumed, or initialized from another checkpoint
+
+os.makedirs(out_dir, exist_ok=True) if master else None
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+best_ckpt_path = os.path.join(out_dir, "best.pt")
+log_path = os.path.join(out_dir, "log.jsonl")
+iter_num, best_val_loss, best_iter, evals_without_improvement = 0, float("inf"), -1, 0
+checkpoint = None
+
+if init_from == "scratch":
+    if os.path.exists(ckpt_path) and not overwrite and not eval_only:
+        fail(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with --overwrite=True "
+             "(or another --out_dir)")
+    model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           vocab_size=tokenizer.vocab_size, hidden_dim=hidden_dim, multiple_of=multiple_of,
+                           norm_eps=norm_eps, rope_theta=rope_theta, max_seq_len=max_seq_len or block_size,
+                           dropout=dropout, tie_embeddings=tie_embeddings)
+else:
+    load_path = ckpt_path if init_from == "resume" else init_from
+    if not os.path.exists(load_path):
+        fail(f"init_from={init_from!r}: checkpoint {load_path} not found")
+    checkpoint = torch.load(load_path, map_location="cpu", weights_only=True)
+    if checkpoint.get("tokenizer_sha256") != data_tokenizer_sha:
+        fail(f"{load_path} was trained with another tokenizer than the data in {data_dir}/{source_names[0]} "
+             "(tokenizer_sha256 differs); prepare the data with the checkpoint's tokenizer")
+    model_args = model_args_from_dict(checkpoint["model_args"], load_path)
+    model_args.dropout = dropout  # dropout may change between pretraining and fine-tuning
+if block_size > model_args.max_seq_len:
+    fail(f"block_size={block_size} is above the model's max_seq_len={model_args.max_seq_len}")
+
+model = Transformer(model_args)
+if checkpoint is not None:
+    try:
+        load_state_dict_checked(model, checkpoint["model"], init_from)
+    except ValueError as e:
+        fail(str(e))
+model.to(device)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+if init_from == "resume":
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    iter_num = checkpoint["iter_num"]
+    best_val_loss, best_iter = checkpoint["best_val_loss"], checkpoint["best_iter"]
+    evals_without_improvement = checkpoint["evals_without_improvement"]
+    torch.set_rng_state(checkpoint["rng_state"]["torch"])
+    if device_type == "cuda" and checkpoint["rng_state"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_state"]["cuda"])
+    log(f"resuming from {ckpt_path} at step {iter_num}")
+elif checkpoint is not None:
+    log(f"initialized from {init_from} (fresh optimizer and schedule)")
+checkpoint = None  # free the memory
+if master and init_from != "resume" and not eval_only and os.path.exists(log_path):
+    os.remove(log_path)  # a new run starts a new log; a resumed one appends
+
+raw_model = model  # checkpoints always hold this module's weights, never compile's or DDP's wrapped names
+if compile:
+    log("compiling the model...")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * world_size
+flops_per_iter = flops_per_token(model_args, block_size) * tokens_per_iter
+peak_flops_per_device = peak_flops(device) if master else 1.0
+log(f"model: {count_params(raw_model) / 1e6:.2f}M parameters ({model_args.n_layers} layers, dim {model_args.dim}, "
+    f"{model_args.n_heads} heads, {model_args.n_kv_heads} kv heads, hidden {model_args.hidden_dim}, "
+    f"vocab {model_args.vocab_size})")
+log(f"data: {', '.join(f'{n} {w:.0%}' for n, w in data_sources)}; {tokens_per_iter:,} tokens per step "
+    f"({batch_size} x {block_size} x {gradient_accumulation_steps} accumulation x {world_size} processes)")
+log(f"device {device}, dtype {dtype}, MFU against {peak_flops_per_device / 1e12:.2f} TFLOP/s")
+
+
+def get_lr(it):
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss on the same eval_iters batches of each split and source at every evaluation."""
+    model.eval()
+    result = {}
+    for split in ("train", "val"):
+        per_source = {}
+        for s, name in enumerate(source_names):
+            rng = np.random.default_rng([seed, 100 + s, {"train": 0, "val": 1}[split]])
+            losses = []
+            for _ in range(eval_iters):
+                x, y = get_batch(split, rng, source=name)
+                with autocast:
+                    _, loss = raw_model(x, y)
+                losses.append(loss.item())
+            per_source[name] = float(np.mean(losses))
+        result[f"{split}_loss"] = float(sum(w * per_source[n] for n, w in data_sources))
+        if split == "val":
+            # bits per byte: nats per token -> bits per token -> x tokens per byte of this source's val split
+            bpb = {}
+            for name in source_names:
+                counts = metas[name]["splits"]["val"]
+                bpb[name] = per_source[name] / math.log(2) * counts["tokens"] / max(1, counts["bytes"])
+            result["val_bpb"] = float(sum(w * bpb[n] for n, w in data_sources))
+            if len(source_names) > 1:
+                result["val_loss_per_source"] = per_source
+    model.train()
+    return result
+
+
+def make_checkpoint(with_training_state):
+    checkpoint = {"model_args": asdict(model_args), "model": raw_model.state_dict(),
+                  "tokenizer": tokenizer.to_json(), "tokenizer_sha256": tokenizer.sha256, "config": config,
+                  "iter_num": iter_num, "best_val_loss": best_val_loss, "best_iter": best_iter}
+    if with_training_state:
+        checkpoint.update({
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "evals_without_improvement": evals_without_improvement,
+            "rng_state": {"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}})
+    return checkpoint
+
+
+def append_log(record):
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses():
+    """out_dir/loss.png: training loss per log line and train/val loss per evaluation."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    train_steps, evals = [], []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            (train_steps if record["type"] == "train" else evals).append(record)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train_steps:
+        ax.plot([r["iter"] for r in train_steps], [r["loss"] for r in train_steps], lw=0.8, alpha=0.6, label="train (step)")
+    if evals:
+        ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{out_dir}: {data}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+# Ctrl-C and SIGTERM: finish the current step, save ckpt.pt, exit 0
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:  # a second Ctrl-C: the user really wants out now
+        raise KeyboardInterrupt
+    stop_requested = True
+    log(f"\n{signal.Signals(signum).name}: finishing this step, then saving {ckpt_path}")
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+if wandb_log and master:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb (it runs offline with WANDB_MODE=offline)")
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# -----------------------------------------------------------------------------------------------------
+# the training loop
+
+start_iter = iter_num
+decay_iters = lr_decay_iters or max_iters
+train_time, tokens_since_start = 0.0, 0
+smoothed_ms_per_iter = None
+log(f"training from step {iter_num} to {max_iters}")
+while True:
+    last_step = iter_num >= max_iters
+    if iter_num % eval_interval == 0 or last_step or eval_only:
+        # save first: a crash or out-of-memory during evaluation must not lose the steps since the last one
+        if master and iter_num > start_iter:
+            save_checkpoint(make_checkpoint(True), ckpt_path)
+        t_eval = time.time()
+        losses = estimate_loss()
+        improved = losses["val_loss"] < best_val_loss
+        if improved:
+            best_val_loss, best_iter, evals_without_improvement = losses["val_loss"], iter_num, 0
+        elif not eval_only:
+            evals_without_improvement += 1
+        log(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}, "
+            f"val bpb {losses['val_bpb']:.4f}{' (best)' if improved else ''} [{time.time() - t_eval:.1f}s]")
+        if master and not eval_only:
+            append_log({"type": "eval", "iter": iter_num, **losses, "best_val_loss": best_val_loss,
+                        "time_s": round(train_time, 3)})
+            if improved and iter_num > 0:
+                save_checkpoint(make_checkpoint(False), best_ckpt_path)
+            if keep_all_checkpoints and iter_num > 0:
+                save_checkpoint(make_checkpoint(False), os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt"))
+            plot_losses()
+            if wandb_log:
+                wandb.log({"iter": iter_num, **{k: v for k, v in losses.items() if not isinstance(v, dict)}})
+        if eval_only:
+            break
+        if patience and evals_without_improvement >= patience:
+            log(f"early stopping: no better val loss for {patience} evaluations; best {best_val_loss:.4f} "
+                f"at step {best_iter} ({best_ckpt_path})")
+            break
+    if last_step:
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches
+    t0 = time.time()
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [get_batch("train", batch_rng("train", iter_num, m)) for m in range(gradient_accumulation_steps)]
+    # the loss is normalized by the trainable targets of the whole step (all processes), so that every
+    # target weighs the same however the targets are spread over micro-batches
+    n_targets = sum((y != -1).sum() for _, y in batches).float()
+    if ddp:
+        dist.all_reduce(n_targets)
+    n_targets = n_targets.clamp(min=1.0)
+    loss_sum_local = torch.zeros((), device=device)
+    try:
+        for micro_step, (x, y) in enumerate(batches):
+            sync = micro_step == gradient_accumulation_steps - 1
+            with model.no_sync() if (ddp and not sync) else nullcontext():
+                with autocast:
+                    _, loss_sum = model(x, y, loss_reduction="sum")
+                # DDP averages gradients over processes, hence the world_size
+                scaler.scale(loss_sum * world_size / n_targets).backward()
+            loss_sum_local += loss_sum.detach()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip).item()
+        else:
+            grad_norm = float("nan")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        fail(f"out of memory at step {iter_num} with batch_size={batch_size}, block_size={block_size}: try a smaller "
+             f"--batch_size with a larger --gradient_accumulation_steps (same effective batch); the last checkpoint "
+             f"is {ckpt_path}")
+    if ddp:
+        dist.all_reduce(loss_sum_local)
+    step_loss = (loss_sum_local / n_targets).item()  # .item() also waits for the GPU, so the timing is right
+    dt = time.time() - t0
+    iter_num += 1
+    train_time += dt
+    tokens_since_start += tokens_per_iter
+
+    if iter_num % log_interval == 0 or iter_num == start_iter + 1:
+        ms_per_iter = dt * 1000
+        smoothed_ms_per_iter = ms_per_iter if smoothed_ms_per_iter is None or iter_num <= start_iter + 2 \
+            else 0.9 * smoothed_ms_per_iter + 0.1 * ms_per_iter
+        tokens_per_sec = tokens_per_iter / dt
+        mfu = flops_per_iter / world_size / dt / peak_flops_per_device
+        eta_s = (max_iters - iter_num) * smoothed_ms_per_iter / 1000
+        log(f"step {iter_num}/{max_iters}: loss {step_loss:.4f}, lr {lr:.2e}, {ms_per_iter:.0f} ms, "
+            f"{tokens_per_sec:,.0f} tok/s, MFU {mfu:.1%}, ETA {eta_s / 60:.1f} min")
+        if master:
+            record = {"type": "train", "iter": iter_num, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                      "ms_per_iter": ms_per_iter, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+                      "tokens": iter_num * tokens_per_iter, "time_s": round(train_time, 3)}
+            append_log(record)
+            if wandb_log:
+                wandb.log(record)
+
+    if not math.isfinite(step_loss):
+        fail(f"the loss is {step_loss} at step {iter_num}: lower --learning_rate or use --dtype=float32")
+    if ddp:  # every process must stop at the same step
+        flag = torch.tensor(float(stop_requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_requested = flag.item() > 0
+    if stop_requested:
+        if master:
+            save_checkpoint(make_checkpoint(True), ckpt_path)
+        log(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
+        break
+
+if master and iter_num > start_iter and not stop_requested and not eval_only:
+    log(f"done: {iter_num} steps, {tokens_since_start:,} tokens in {train_time / 60:.1f} min of training; "
+        f"best val loss {best_val_loss:.4f} at step {best_iter}")
+if ddp:
+    dist.destroy_process_group()

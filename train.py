@@ -177,6 +177,8 @@ tokenizer_shas = {metas[name]["tokenizer_sha256"] for name in source_names}
 if len(tokenizer_shas) > 1:
     fail(f"data={data!r}: the sources were prepared with different tokenizers; prepare them with the same one")
 data_tokenizer_sha = tokenizer_shas.pop()
+# a model trained on chat data is a chat model: eval.py, chat.py and sample.py read this from the checkpoint
+data_format = "chat" if any(metas[name]["format"] == "chat" for name in source_names) else "text"
 tokenizer_path = os.path.join(data_dir, source_names[0], "tokenizer.json")
 try:
     tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -331,6 +333,7 @@ def estimate_loss():
 def make_checkpoint(with_training_state):
     checkpoint = {"model_args": asdict(model_args), "model": raw_model.state_dict(),
                   "tokenizer": tokenizer.to_json(), "tokenizer_sha256": tokenizer.sha256, "config": config,
+                  "data_format": data_format,
                   "iter_num": iter_num, "best_val_loss": best_val_loss, "best_iter": best_iter}
     if with_training_state:
         checkpoint.update({

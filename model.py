@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -305,6 +305,69 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
 
 
 # ----------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on chosen projections; only the adapters train
+
+
+LORA_TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+                "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with W frozen. B starts at zero: step 0 is the base model."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout):
+        super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
+                         dtype=base.weight.dtype)
+        self.weight = base.weight  # the same tensor: state_dict names stay those of the base model
+        self.weight.requires_grad = False
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+
+
+def parse_lora_targets(targets):
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora_targets={targets!r}: expected a comma-separated list of {', '.join(LORA_TARGETS)}")
+    return names
+
+
+def apply_lora(model, rank, alpha, dropout, targets):
+    """Freeze every weight and put adapters on the target projections of every layer. Returns the model."""
+    for p in model.parameters():
+        p.requires_grad = False
+    for layer in model.layers:
+        for target in parse_lora_targets(targets):
+            parent_name, attr = LORA_TARGETS[target].split(".")
+            parent = getattr(layer, parent_name)
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_a" in k or ".lora_b" in k}
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight (W += scale * B A) and put plain nn.Linear modules back."""
+    for layer in model.layers:
+        for parent in (layer.attention, layer.feed_forward):
+            for attr, module in list(parent.named_children()):
+                if isinstance(module, LoRALinear):
+                    plain = nn.Linear(module.in_features, module.out_features, bias=False)
+                    plain.weight = nn.Parameter(module.weight + module.scale * (module.lora_b @ module.lora_a),
+                                                requires_grad=True)
+                    setattr(parent, attr, plain)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
 # optimizer and FLOPs
 
 
@@ -426,30 +489,71 @@ def load_state_dict_checked(model, state_dict, source):
     model.load_state_dict(state_dict)
 
 
-def load_checkpoint(path, device="cpu"):
-    """
-    The one way to load a checkpoint for use: returns (model in eval mode, tokenizer, checkpoint dict).
-    Loads with weights_only=True (no code in a checkpoint can run).
-    """
-    from tokenizer import Tokenizer
+def read_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True (no code in a checkpoint can run) and clear errors."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found (train.py writes out_dir/ckpt.pt and out_dir/best.pt)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    for key in ("model_args", "model", "tokenizer"):
+    required = ("model_args", "tokenizer") + (("adapters",) if "lora" in checkpoint else ("model",))
+    for key in required:
         if key not in checkpoint:
             raise ValueError(f"{path}: checkpoint has no '{key}' entry; was it written by train.py?")
+    return checkpoint
+
+
+def find_base_checkpoint(checkpoint, path):
+    """
+    The base checkpoint an adapter checkpoint was trained on: its recorded path (absolute, or relative to the
+    adapter checkpoint's folder), checked against the recorded sha256 so adapters never land on another model.
+    """
+    candidates = [checkpoint["base_checkpoint"],
+                  os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["base_checkpoint_relative"])]
+    base_path = next((c for c in candidates if os.path.exists(c)), None)
+    if base_path is None:
+        raise FileNotFoundError(f"{path}: its base checkpoint {checkpoint['base_checkpoint']} is gone; LoRA adapters "
+                                "need the exact base model they were trained on")
+    sha = file_sha256(base_path)
+    if sha != checkpoint["base_sha256"]:
+        raise ValueError(f"{path}: adapters were trained on a base checkpoint with sha256 "
+                         f"{checkpoint['base_sha256'][:16]}..., but {base_path} has sha256 {sha[:16]}... "
+                         "(it was overwritten or retrained); use the original base checkpoint")
+    return base_path
+
+
+def build_model(checkpoint, path, device="cpu"):
+    """
+    The model a checkpoint describes. A LoRA checkpoint is applied on its verified base model and left
+    unmerged (for training); load_checkpoint merges it.
+    """
     args = model_args_from_dict(checkpoint["model_args"], path)
     model = Transformer(args)
-    load_state_dict_checked(model, checkpoint["model"], path)
-    model.to(device).eval()
+    if "lora" in checkpoint:
+        base_path = find_base_checkpoint(checkpoint, path)
+        base = read_checkpoint(base_path)
+        if "lora" in base:
+            raise ValueError(f"{base_path}: the base of a LoRA checkpoint must be a full checkpoint")
+        load_state_dict_checked(model, base["model"], base_path)
+        lora = checkpoint["lora"]
+        apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        load_state_dict_checked(model, {**model.state_dict(), **checkpoint["adapters"]}, path)
+    else:
+        load_state_dict_checked(model, checkpoint["model"], path)
+    return model.to(device)
+
+
+def load_checkpoint(path, device="cpu"):
+    """
+    The one way to load a checkpoint for use: returns (model in eval mode, tokenizer, checkpoint dict).
+    Full checkpoints and LoRA adapter checkpoints alike (adapters are merged into the weights).
+    """
+    from tokenizer import Tokenizer
+    checkpoint = read_checkpoint(path, device)
+    model = merge_lora(build_model(checkpoint, path, device)).eval()
     tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}")
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
     return model, tokenizer, checkpoint
 
-
-def model_args_dict(args: ModelArgs):
-    return asdict(args)

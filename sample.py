@@ -42,23 +42,34 @@ except (FileNotFoundError, ValueError) as e:
 if start.startswith("FILE:"):
     with open(start[len("FILE:"):], encoding="utf-8") as f:
         start = f.read()
-prompt = tokenizer.encode(start, bos=True)
-stop_tokens = [tokenizer.bos_id] if stop_at_bos else []
-print(f"{ckpt}: step {checkpoint.get('iter_num', '?')}, prompt of {len(prompt)} tokens", file=sys.stderr)
+chat_model = checkpoint.get("data_format") == "chat"
+if chat_model:
+    # a chat model (SFT, LoRA) answers the prompt as a user message; tools on, stop at the end of its turn
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": start or "Hello!"}])
+    stop_tokens = [tokenizer.special("<|assistant_end|>"), tokenizer.bos_id]
+else:
+    prompt = tokenizer.encode(start, bos=True)
+    stop_tokens = [tokenizer.bos_id] if stop_at_bos else []
+kind = "chat model" if chat_model else "base model"
+print(f"{ckpt}: step {checkpoint.get('iter_num', '?')}, {kind}, prompt of {len(prompt)} tokens", file=sys.stderr)
 
 n_tokens, t0 = 0, time.time()
 for k in range(num_samples):
-    sys.stdout.write(start)
+    sys.stdout.write("" if chat_model else start)
     pending = b""  # bytes of a character split across tokens wait for the rest
     generated = []
     for tokens, _ in engine.generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed + k, tools=False, stop_tokens=stop_tokens):
+                                     top_p=top_p, seed=seed + k, tools=chat_model, stop_tokens=stop_tokens):
         token = tokens[0]
         generated.append(token)
         n_tokens += 1
         if token in stop_tokens:
             break
-        pending += tokenizer.decode_bytes([token])
+        if tokenizer.is_special(token):
+            pending += {"<|python_start|>": b"[calculator: ", "<|python_end|>": b"]", "<|output_start|>": b" = ",
+                        "<|output_end|>": b" "}.get(tokenizer.decode([token]), b"")
+        else:
+            pending += tokenizer.decode_bytes([token])
         try:
             sys.stdout.write(pending.decode("utf-8"))
             pending = b""

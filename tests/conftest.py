@@ -85,3 +85,24 @@ def run_stage(script, *args, check=True, timeout=300, env=None):
 def read_log(out_dir, kind="train"):
     with open(Path(out_dir) / "log.jsonl", encoding="utf-8") as f:
         return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def prepare_chat_source(out_dir, splits, tokenizer, name="chat"):
+    """Render conversations ({split: [messages, ...]}) into chat token files: tokens, loss mask, meta.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for split, conversations in splits.items():
+        writer = TokenWriter(out_dir, split, tokenizer.vocab_size, with_mask=True)
+        for messages in conversations:
+            ids, mask = tokenizer.render_conversation(messages)
+            n_bytes = sum(len(str(m["content"]).encode("utf-8")) for m in messages)
+            writer.add(ids, n_bytes, mask)
+        counts[split] = writer.close()
+    return write_meta(out_dir, tokenizer, counts, source=name, fmt="chat")
+
+
+def alpaca_conversations(n, offset=0):
+    """n real Alpaca instruction/response pairs from ../shared/data as chat messages."""
+    records = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))[offset:offset + n]
+    return [[{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+             {"role": "assistant", "content": r["output"]}] for r in records]

@@ -1,0 +1,176 @@
+"""
+Train the byte-level BPE tokenizer -> data/tokenizer.json (the file every other prepare/ script reads).
+
+    python prepare/tokenizer.py --source ../shared/data/tinystories/tiny_stories.txt --vocab_size 4096
+    python prepare/tokenizer.py --source tinystories --vocab_size 32768 --max_chars 100_000_000
+    python prepare/tokenizer.py --source my_notes/ books.txt chats.jsonl --vocab_size 8192 --out data/my_tokenizer.json
+
+--source takes text files, folders (their .txt/.raw/.md files and the text fields of .json/.jsonl files),
+or the name of a source this repository downloads: tinystories, tinyshakespeare, wikitext2, wikitext103
+(their train split). Reading stops after --max_chars characters. The last part of what was read (5%, at
+most 2M characters) is held out: training never sees it, and the compression (bytes per token) is measured
+on it. Training is deterministic: the same text and vocab size give the same file, byte for byte.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare.common import download, fail  # noqa: E402
+from tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, count_chunks, train_bpe  # noqa: E402
+
+# sources known by name: the official train file of each
+NAMED_SOURCES = {
+    "tinystories": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+    "tinyshakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "wikitext2": "wikitext2",
+    "wikitext103": "wikitext103",
+}
+TEXT_SUFFIXES = (".txt", ".raw", ".md", ".tokens")
+JSON_SUFFIXES = (".json", ".jsonl")
+BLOCK_CHARS = 1 << 20
+
+
+def source_files(source):
+    """The files to read for one --source entry."""
+    if source in NAMED_SOURCES:
+        if source.startswith("wikitext"):
+            from prepare.wikitext import find_split_files
+            return [find_split_files(None, source[len("wikitext"):])["train"]]
+        return [download(NAMED_SOURCES[source])]
+    if os.path.isdir(source):
+        files = []
+        for folder, _, names in sorted(os.walk(source)):
+            files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+        if not files:
+            fail(f"--source {source}: no {', '.join(TEXT_SUFFIXES + JSON_SUFFIXES)} files in it")
+        return files
+    if os.path.exists(source) or "://" in source:
+        return [download(source)]
+    fail(f"--source {source}: not a file, a folder, a URL or one of {', '.join(NAMED_SOURCES)}")
+
+
+def text_blocks(path):
+    """~1 MB blocks of a text file, each cut after a line break followed by a non-space character, so that
+    no regex chunk spans two blocks (the counts are those of the whole file)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        rest = ""
+        for block in iter(lambda: f.read(BLOCK_CHARS), ""):
+            text = rest + block
+            cut = len(text)
+            while cut > 0:
+                cut = text.rfind("\n", 0, cut)
+                if cut < 0 or not text[cut + 1:cut + 2].isspace() and cut + 1 < len(text):
+                    break
+            if cut <= 0:
+                rest = text  # no safe cut yet: keep reading
+                continue
+            yield text[:cut + 1]
+            rest = text[cut + 1:]
+        if rest:
+            yield rest
+
+
+def json_texts(path):
+    """The string values of every record of a .json (list) or .jsonl file, one text per record."""
+    from prepare.common import read_json_records
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+    for _, record in read_json_records(path, skip_bad=True):
+        yield "\n".join(strings(record))
+
+
+def read_texts(sources, max_chars):
+    """Texts from every source in order, at most max_chars characters in all."""
+    n = 0
+    for source in sources:
+        for path in source_files(source):
+            texts = json_texts(path) if path.endswith(JSON_SUFFIXES) else text_blocks(path)
+            for text in texts:
+                if n + len(text) > max_chars:
+                    text = text[:max_chars - n]
+                n += len(text)
+                if text:
+                    yield text
+                if n >= max_chars:
+                    return
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", nargs="+", required=True, help="text files, folders, URLs or source names")
+    parser.add_argument("--vocab_size", type=int, default=4096,
+                        help=f"tokens in all: 256 bytes + merges + {len(SPECIAL_TOKENS)} special tokens (default 4096)")
+    parser.add_argument("--max_chars", type=lambda s: int(float(s.replace("_", ""))), default=200_000_000,
+                        help="read at most this many characters (default 200M)")
+    parser.add_argument("--out", default="data/tokenizer.json", help="tokenizer file to write (default data/tokenizer.json)")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes for the regex split")
+    args = parser.parse_args()
+    if not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= 65536:
+        fail(f"--vocab_size {args.vocab_size}: expected {256 + len(SPECIAL_TOKENS)} to 65536")
+
+    # read everything once to know the total, keeping the last part as held-out text
+    t0 = time.time()
+    try:
+        texts = list(read_texts(args.source, args.max_chars))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    total = sum(len(t) for t in texts)
+    if total == 0:
+        fail(f"--source {' '.join(args.source)}: no text in it")
+    heldout_chars = min(total // 20, 2_000_000)
+    train_texts, heldout_texts, n = [], [], 0
+    for text in texts:
+        keep = max(0, min(len(text), total - heldout_chars - n))
+        if keep:
+            train_texts.append(text[:keep])
+        if keep < len(text):
+            heldout_texts.append(text[keep:])
+        n += len(text)
+    del texts
+    print(f"read {total:,} characters in {time.time() - t0:.1f}s; training on {total - heldout_chars:,}, "
+          f"holding out {heldout_chars:,}")
+
+    t0 = time.time()
+    chunk_counts = count_chunks(train_texts, GPT4_SPLIT_PATTERN, num_proc=args.num_proc)
+    del train_texts
+    print(f"counted {len(chunk_counts):,} unique chunks ({sum(chunk_counts.values()):,} in all) "
+          f"in {time.time() - t0:.1f}s on {args.num_proc} processes")
+
+    t0 = time.time()
+
+    def progress(done, n_merges):
+        sys.stderr.write(f"\rmerges {done:,}/{n_merges:,} ({time.time() - t0:.1f}s)")
+        sys.stderr.flush()
+    tokenizer = train_bpe(chunk_counts, args.vocab_size, progress=progress)
+    sys.stderr.write("\n")
+    n_merges = len(tokenizer.mergeable_ranks) - 256
+    print(f"trained {n_merges:,} merges in {time.time() - t0:.1f}s: vocab_size {tokenizer.vocab_size:,}")
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"note: the text has too few distinct pairs for {args.vocab_size:,} tokens; the vocabulary stopped "
+              f"at {tokenizer.vocab_size:,} (give it more text)")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tokenizer.save(args.out)
+    heldout = "".join(heldout_texts)
+    n_tokens = len(tokenizer.encode(heldout))
+    longest = sorted(tokenizer.mergeable_ranks, key=len)[-5:]
+    print(f"compression on {len(heldout):,} held-out characters: "
+          f"{len(heldout.encode('utf-8')) / max(n_tokens, 1):.2f} bytes/token")
+    print(f"longest tokens: {', '.join(json.dumps(t.decode('utf-8', errors='replace')) for t in longest)}")
+    print(f"wrote {args.out} (sha256 {tokenizer.sha256[:16]}...)")
+
+
+if __name__ == "__main__":
+    main()

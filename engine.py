@@ -9,8 +9,10 @@ failing expression produces an error text as the output, never an exception.
 """
 
 import ast
+import codecs
 import math
 import operator
+import re
 import signal
 import threading
 
@@ -30,11 +32,17 @@ UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 STRING_METHODS = {"count", "lower", "upper", "strip", "replace", "find", "startswith", "endswith"}
 
 
+# thousands separators ("1,200 * 3") are common in GSM8K; other commas ("(1,2)", strings) stay
+THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
 class CalculatorError(Exception):
     pass
 
 
 def check_number(x):
+    if isinstance(x, complex):
+        raise CalculatorError("result is not a real number")
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return x
     if isinstance(x, int) and abs(x) >= 10 ** MAX_RESULT_DIGITS:
@@ -108,7 +116,9 @@ def calculator(expression):
     parentheses, unary minus, string literals with len() and a few string methods (count, lower, ...).
     Limits: expression length, AST size, exponent, result size and a time limit.
     """
-    expression = expression.strip().replace(",", "") if _looks_numeric(expression) else expression.strip()
+    expression = expression.strip()
+    if '"' not in expression and "'" not in expression:  # inside a string a comma is text
+        expression = THOUSANDS_SEPARATOR.sub("", expression)
     if len(expression) > MAX_EXPRESSION_CHARS:
         return "error: expression too long"
     try:
@@ -125,11 +135,6 @@ def calculator(expression):
         return "error: took too long"
     except Exception as e:  # nothing the model writes may crash the engine
         return f"error: {type(e).__name__}"
-
-
-def _looks_numeric(expression):
-    # thousands separators ("1,200 * 3") are common in GSM8K; commas elsewhere (strings) stay
-    return '"' not in expression and "'" not in expression
 
 
 def _with_time_limit(fn, seconds):
@@ -161,9 +166,16 @@ def make_tool_hook(tokenizer):
     def hook(sample_index, tokens):
         if tokens[-1] != python_end:
             return None
-        start = len(tokens) - 1 - tokens[::-1].index(python_start) if python_start in tokens else len(tokens) - 1
-        expression = tokenizer.decode([t for t in tokens[start + 1:-1] if not tokenizer.is_special(t)])
-        return [output_start] + tokenizer.encode(calculator(expression)) + [output_end]
+        # the expression: the plain tokens back to this call's <|python_start|> (never into earlier turns)
+        start = len(tokens) - 2
+        while start >= 0 and not tokenizer.is_special(tokens[start]):
+            start -= 1
+        if start < 0 or tokens[start] != python_start:
+            result = "error: <|python_end|> without <|python_start|>"
+        else:
+            expression_ids = [t for t in tokens[start + 1:-1] if t < tokenizer.vocab_size]  # padded-vocab ids dropped
+            result = calculator(tokenizer.decode(expression_ids))
+        return [output_start] + tokenizer.encode(result) + [output_end]
 
     return hook
 
@@ -190,3 +202,79 @@ def generate_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0
         ids.append(tokens[0])
     text_ids = [t for t in ids if not tokenizer.is_special(t)]
     return tokenizer.decode(text_ids), ids
+
+
+# -----------------------------------------------------------------------------------------------------
+# text: streaming decoding, tool calls in reply text, conversations that fit the context
+
+TOOL_MARKUP = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+TOOL_CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?", re.S)
+
+
+class TextDecoder:
+    """
+    Token ids -> text, one token at a time, for streaming: a character whose bytes are split across tokens
+    comes out whole with the token that completes it. Tool tokens come out as their names ('<|python_start|>'
+    ...) so that reply_parts() can rebuild the tool calls from the text; other special tokens as ''.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tool_names = {tokenizer.special(name): name for name in TOOL_MARKUP}
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece(self, token):
+        if self.tokenizer.is_special(token) or token >= self.tokenizer.vocab_size:
+            # ids past the tokenizer (a vocabulary padded for speed; an untrained model may sample them) are ''
+            return self.utf8.decode(b"", final=True) + self.tool_names.get(token, "")
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
+
+
+def generate_text(model, tokenizer, prompt, num_samples=1, **kw):
+    """
+    engine.generate with text: yields (tokens, pieces) per step, pieces[i] the text that tokens[i] adds to
+    sample i (see TextDecoder; None once sample i has stopped). The stop token itself adds ''.
+    """
+    decoders = [TextDecoder(tokenizer) for _ in range(num_samples)]
+    for tokens, _ in generate(model, tokenizer, prompt, num_samples=num_samples, **kw):
+        yield tokens, [None if t is None else d.piece(t) for t, d in zip(tokens, decoders)]
+
+
+def reply_parts(text):
+    """
+    A reply's text with tool markup (as TextDecoder writes it) -> the assistant content render_conversation
+    takes: the text itself when it holds no tool call, else a list of {"type": "text" | "python" |
+    "python_output", "text"} parts, so a conversation sent back as text renders exactly as it was generated.
+    """
+    parts, position = [], 0
+    for match in TOOL_CALL.finditer(text):
+        if match.start() > position:
+            parts.append({"type": "text", "text": text[position:match.start()]})
+        parts.append({"type": "python", "text": match.group(1)})
+        if match.group(2) is not None:
+            parts.append({"type": "python_output", "text": match.group(2)})
+        position = match.end()
+    if not parts:
+        return text
+    if position < len(text):
+        parts.append({"type": "text", "text": text[position:]})
+    return parts
+
+
+def fit_conversation(tokenizer, messages, max_prompt_tokens):
+    """
+    The prompt (token ids) for the assistant's next reply, leaving out the oldest user/assistant exchanges
+    (the system message stays) until it is at most max_prompt_tokens long. Returns (prompt, messages left
+    out). ValueError when the conversation is malformed or even its last user message alone is too long.
+    """
+    system = messages[:1] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else []
+    turns = list(messages[len(system):])
+    dropped = 0
+    while True:
+        prompt = tokenizer.render_for_completion(system + turns)
+        if len(prompt) <= max_prompt_tokens:
+            return prompt, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the last message is too long: the prompt is {len(prompt)} tokens and the model's "
+                             f"context leaves room for {max_prompt_tokens}")
+        turns, dropped = turns[2:], dropped + 2

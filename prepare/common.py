@@ -197,8 +197,9 @@ def load_tokenizer(path):
 
 def read_json_records(path, skip_bad=False, counts=None):
     """
-    The records of a JSON file (a list of objects) or a JSONL file (one object a line), as (line, record).
-    A malformed line is an error naming path:line; with skip_bad it is skipped and counted in counts["bad"].
+    The records of a JSON file (a list of objects) or a JSONL file (one object a line), as (where, record):
+    where is 'path:line' (JSONL) or 'path: record N' (a JSON list). A malformed line is an error naming
+    path:line; with skip_bad it is skipped and counted in counts["bad"].
     """
     with open(path, encoding="utf-8") as f:
         first = f.read(1 << 16).lstrip()
@@ -208,8 +209,10 @@ def read_json_records(path, skip_bad=False, counts=None):
                 records = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a list of objects") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records (or JSONL, one record a line)")
         for i, record in enumerate(records):
-            yield i + 1, record  # no line numbers in a JSON list: the record's position
+            yield f"{path}: record {i + 1}", record  # a JSON list has no useful line numbers: the position
         return
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -224,7 +227,7 @@ def read_json_records(path, skip_bad=False, counts=None):
                     continue
                 raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}); expected one JSON object per line "
                                  "(or pass --skip_bad to skip such lines)") from None
-            yield number, record
+            yield f"{path}:{number}", record
 
 
 def split_train_val(items, val_fraction=None, val_count=None, seed=1337):

@@ -1,0 +1,301 @@
+"""
+Export a checkpoint for C inference: the model file and the tokenizer file that run.c reads.
+
+    python export.py --ckpt=out/ckpt.pt                              # model.bin (fp32) + tokenizer.bin
+    python export.py --ckpt=out/ckpt.pt --quantize=int8 --out=model_q8.bin
+    python export.py --ckpt=out/ckpt.pt --legacy=True                # + llama2.c's own version-0 files
+
+LoRA checkpoints are merged into their base weights by model.load_checkpoint before export.
+
+The model file (little-endian; every section starts at a multiple of 64 bytes, zero-padded):
+
+    header, 256 bytes:
+        0  char[4] magic "NLLM"         4  int32 version (1)
+        8  int32 dim                   12  int32 hidden_dim
+       16  int32 n_layers              20  int32 n_heads
+       24  int32 n_kv_heads            28  int32 vocab_size
+       32  int32 max_seq_len           36  float32 rope_theta
+       40  float32 norm_eps            44  int32 tied (1: the output head is the token embedding)
+       48  int32 weight_type (0 fp32, 1 int8)   52  int32 group_size (int8 only, else 0)
+       56  uint64 tokenizer_id (first 8 bytes of the tokenizer's sha256, also in the tokenizer file)
+       64  uint64 file_size (the whole file, in bytes)      72..255 zero
+    weights, in this order (L = n_layers, hd = dim / n_heads, kv = n_kv_heads * hd):
+        attention_norm (L, dim)    ffn_norm (L, dim)    norm (dim)                  always float32
+        tok_embeddings (vocab_size, dim)
+        wq (L, dim, dim)   wk (L, kv, dim)   wv (L, kv, dim)   wo (L, dim, dim)
+        w1 (L, hidden_dim, dim)   w2 (L, dim, hidden_dim)   w3 (L, hidden_dim, dim)
+        output (vocab_size, dim)                                                    only if not tied
+    A matrix is row-major (out_features, in_features), as nn.Linear stores it. In an int8 file each matrix is
+    two sections: int8 values, then one float32 scale per group of group_size consecutive values of a row
+    (symmetric: value = int8 * scale, int8 in -127..127).
+
+The tokenizer file (tokenizer.bin):
+
+    header, 64 bytes: char[4] "NLTK", int32 version (1), int32 vocab_size, int32 bos_id, int32 n_special,
+        int32 max_token_bytes, uint64 tokenizer_id, int32 n_letter_ranges, int32 n_number_ranges,
+        int32 n_space_ranges, zero padding
+    the Unicode classes of the pre-split, as inclusive (first, last) uint32 code point pairs: \\p{L}, \\p{N},
+        \\s (taken from the `regex` package here, so run.c splits non-ASCII text like tokenizer.py does)
+    every token by id: uint8 kind (0 ordinary, 1 special, 2 unused id), uint32 length, its bytes
+        (a special token's bytes are its name, e.g. <|bos|>); an ordinary token's id is its BPE merge rank.
+"""
+
+import hashlib
+import os
+import struct
+import sys
+
+import numpy as np
+import regex
+import torch
+
+from configurator import ConfigError, configure
+from model import load_checkpoint
+from tokenizer import GPT4_SPLIT_PATTERN
+
+# -----------------------------------------------------------------------------------------------------
+ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base)
+out = "model.bin"  # the model file for run.c
+tokenizer_out = "tokenizer.bin"  # the tokenizer file for run.c ("" = do not write it)
+quantize = ""  # "" = float32 weights; "int8" = symmetric group-wise int8 (about 4x smaller and faster)
+group_size = 64  # int8: values per scale; halved until it divides dim and hidden_dim
+legacy = False  # also write llama2.c's version-0 float32 layout and its tokenizer format
+legacy_out = "model_llama2c.bin"  # --legacy: the model file for llama2.c's run.c
+legacy_tokenizer_out = "tokenizer_llama2c.bin"  # --legacy: the tokenizer file for llama2.c's run.c (-z)
+# -----------------------------------------------------------------------------------------------------
+
+MAGIC = b"NLLM"
+VERSION = 1
+HEADER_BYTES = 256
+ALIGN = 64
+TOKENIZER_MAGIC = b"NLTK"
+TOKENIZER_VERSION = 1
+TOKENIZER_HEADER_BYTES = 64
+
+
+def tokenizer_id(tokenizer):
+    """First 8 bytes of the tokenizer's sha256 as an integer: ties a model file to its tokenizer file."""
+    return int.from_bytes(bytes.fromhex(tokenizer.sha256)[:8], "little")
+
+
+def pad_to_alignment(f):
+    f.write(b"\0" * (-f.tell() % ALIGN))
+
+
+def quantize_int8(w, group_size):
+    """w (rows, cols) float -> int8 values (rows, cols) and float32 scales (rows * cols / group_size)."""
+    groups = w.float().reshape(-1, group_size)
+    scale = groups.abs().amax(dim=1) / 127.0
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(w.shape), scale
+
+
+def choose_group_size(args, requested):
+    group = requested
+    while group > 1 and (args.dim % group or args.hidden_dim % group):
+        group //= 2
+    if group != requested:
+        print(f"group_size {requested} does not divide dim={args.dim} and hidden_dim={args.hidden_dim}; "
+              f"using {group}", file=sys.stderr)
+    return group
+
+
+def model_matrices(model):
+    """The matrices in file order: (name, tensor stacked over layers or a single matrix)."""
+    layers = model.layers
+    stack = lambda get: torch.stack([get(layer) for layer in layers])
+    matrices = [("tok_embeddings", model.tok_embeddings.weight),
+                ("wq", stack(lambda l: l.attention.wq.weight)), ("wk", stack(lambda l: l.attention.wk.weight)),
+                ("wv", stack(lambda l: l.attention.wv.weight)), ("wo", stack(lambda l: l.attention.wo.weight)),
+                ("w1", stack(lambda l: l.feed_forward.w1.weight)), ("w2", stack(lambda l: l.feed_forward.w2.weight)),
+                ("w3", stack(lambda l: l.feed_forward.w3.weight))]
+    if not model.args.tie_embeddings:
+        matrices.append(("output", model.output.weight))
+    return matrices
+
+
+def write_model(model, tokenizer, path, weight_type, group_size):
+    args = model.args
+    tied = args.tie_embeddings
+    norms = [torch.stack([l.attention_norm.weight for l in model.layers]),
+             torch.stack([l.ffn_norm.weight for l in model.layers]), model.norm.weight]
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    max_error = 0.0
+    with open(tmp_path, "wb") as f:
+        f.write(b"\0" * HEADER_BYTES)  # written last, when the file size is known
+        for norm in norms:
+            f.write(norm.detach().float().numpy().astype("<f4").tobytes())
+            pad_to_alignment(f)
+        for name, w in model_matrices(model):
+            w = w.detach().float()
+            if weight_type == 0:
+                f.write(w.numpy().astype("<f4").tobytes())
+                pad_to_alignment(f)
+            else:
+                q, scale = quantize_int8(w.reshape(-1, w.shape[-1]), group_size)
+                dequantized = (q.float().reshape(-1, group_size) * scale[:, None]).reshape(w.shape)
+                max_error = max(max_error, (dequantized - w).abs().max().item())
+                f.write(q.numpy().tobytes())
+                pad_to_alignment(f)
+                f.write(scale.numpy().astype("<f4").tobytes())
+                pad_to_alignment(f)
+        file_size = f.tell()
+        header = MAGIC + struct.pack("<i7i2f3iQQ", VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+                                     args.n_kv_heads, args.vocab_size, args.max_seq_len, args.rope_theta,
+                                     args.norm_eps, int(tied), weight_type, group_size if weight_type else 0,
+                                     tokenizer_id(tokenizer), file_size)
+        f.seek(0)
+        f.write(header.ljust(HEADER_BYTES, b"\0"))
+    os.replace(tmp_path, path)
+    return file_size, max_error
+
+
+def unicode_ranges(pattern):
+    """Inclusive (first, last) code point ranges matching a one-character regex class, e.g. \\p{L}."""
+    everything = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    ranges = []
+    for m in regex.finditer(pattern + "+", everything):
+        first, last = ord(m.group()[0]), ord(m.group()[-1])
+        if ranges and ranges[-1][1] + 1 == first:
+            ranges[-1][1] = last
+        elif first <= 0xD7FF < last:  # a run that skipped the surrogates in the string
+            ranges += [[first, 0xD7FF], [0xE000, last]]
+        else:
+            ranges.append([first, last])
+    return ranges
+
+
+def write_tokenizer(tokenizer, path):
+    if tokenizer.pattern != GPT4_SPLIT_PATTERN:
+        print(f"warning: this tokenizer pre-splits with {tokenizer.pattern!r}; run.c implements only the GPT-4 "
+              "pattern, so its prompt encoding may differ from tokenizer.py's", file=sys.stderr)
+    vocab_size = tokenizer.vocab_size
+    kinds, pieces = [2] * vocab_size, [b""] * vocab_size
+    for token, rank in tokenizer.mergeable_ranks.items():
+        kinds[rank], pieces[rank] = 0, token
+    for name, i in tokenizer.special_tokens.items():
+        kinds[i], pieces[i] = 1, name.encode("utf-8")
+    classes = [unicode_ranges(p) for p in (r"\p{L}", r"\p{N}", r"\s")]
+    header = TOKENIZER_MAGIC + struct.pack("<5iQ3i", TOKENIZER_VERSION, vocab_size, tokenizer.bos_id,
+                                           len(tokenizer.special_tokens), max(map(len, pieces)),
+                                           tokenizer_id(tokenizer), *map(len, classes))
+    with open(path, "wb") as f:
+        f.write(header.ljust(TOKENIZER_HEADER_BYTES, b"\0"))
+        for ranges in classes:
+            f.write(np.array(ranges, dtype="<u4").tobytes())
+        for kind, piece in zip(kinds, pieces):
+            f.write(struct.pack("<BI", kind, len(piece)) + piece)
+
+
+# ----------------------------------------------------------------------------------------------------
+# llama2.c's version-0 layout
+
+
+def check_legacy(args, tokenizer):
+    """llama2.c's run.c hard-codes some settings; refuse models it would run wrongly."""
+    problems = []
+    if args.rope_theta != 10000.0:
+        problems.append(f"rope_theta={args.rope_theta:g} (llama2.c uses 10000)")
+    if abs(args.norm_eps - 1e-5) > 1e-12:
+        problems.append(f"norm_eps={args.norm_eps:g} (llama2.c uses 1e-5)")
+    if tokenizer.vocab_size > args.vocab_size:
+        problems.append("the tokenizer is larger than the model's vocabulary")
+    byte_ids = [tokenizer.mergeable_ranks.get(bytes([b])) for b in range(256)]
+    if None in byte_ids:
+        problems.append("the tokenizer lacks some of the 256 single-byte tokens (llama2.c's byte fallback needs them)")
+    if problems:
+        sys.exit("error: llama2.c's version-0 layout cannot express this model: " + "; ".join(problems))
+
+
+def legacy_order(tokenizer, vocab_size):
+    """
+    New id -> old id. llama2.c assumes <unk>=0, BOS=1, EOS=2 and byte b = 3 + b (sentencepiece's layout):
+    our <|bos|> goes to 1, the 256 byte tokens to 3..258, two other special tokens fill 0 and 2, and every
+    other token keeps its relative order.
+    """
+    byte_ids = [tokenizer.mergeable_ranks[bytes([b])] for b in range(256)]
+    specials = [i for _, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]) if i != tokenizer.bos_id]
+    placed = set(byte_ids) | {tokenizer.bos_id} | set(specials[:2])
+    rest = [i for i in range(vocab_size) if i not in placed]
+    return [specials[0], tokenizer.bos_id, specials[1]] + byte_ids + rest
+
+
+def write_legacy(model, tokenizer, model_path, tokenizer_path):
+    args = model.args
+    check_legacy(args, tokenizer)
+    order = torch.tensor(legacy_order(tokenizer, args.vocab_size))
+    head_dim = args.dim // args.n_heads
+    vocab_field = args.vocab_size if args.tie_embeddings else -args.vocab_size  # negative: separate head
+    stack = lambda get: torch.stack([get(layer) for layer in model.layers])
+    tensors = [model.tok_embeddings.weight[order],
+               stack(lambda l: l.attention_norm.weight),
+               stack(lambda l: l.attention.wq.weight), stack(lambda l: l.attention.wk.weight),
+               stack(lambda l: l.attention.wv.weight), stack(lambda l: l.attention.wo.weight),
+               stack(lambda l: l.ffn_norm.weight),
+               stack(lambda l: l.feed_forward.w1.weight), stack(lambda l: l.feed_forward.w2.weight),
+               stack(lambda l: l.feed_forward.w3.weight),
+               model.norm.weight,
+               model.rope_cos[:args.max_seq_len], model.rope_sin[:args.max_seq_len]]  # llama2.c skips these
+    if not args.tie_embeddings:
+        tensors.append(model.output.weight[order])
+    with open(model_path, "wb") as f:
+        f.write(struct.pack("<7i", args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
+                            vocab_field, args.max_seq_len))
+        for t in tensors:
+            f.write(t.detach().float().numpy().astype("<f4").tobytes())
+    # llama2.c's tokenizer: int32 max_token_length, then per token float32 score, int32 length, bytes.
+    # Its encoder merges the pair with the highest score, so score = -rank reproduces the BPE merge order.
+    # Bytes that are not printable ASCII are written <0xXX>, which its decoder turns back into the byte.
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    pieces, scores = [], []
+    for new_id, old_id in enumerate(order.tolist()):
+        if old_id in names:
+            piece, score = names[old_id].encode("utf-8"), -1e9
+        elif old_id < tokenizer.vocab_size:
+            piece = tokenizer.decode_bytes([old_id])
+            if len(piece) == 1 and not 32 <= piece[0] < 127:
+                piece = f"<0x{piece[0]:02X}>".encode("ascii")
+            score = -float(old_id)
+        else:
+            piece, score = f"<unused{old_id}>".encode("ascii"), -1e9  # model rows beyond the tokenizer
+        pieces.append(piece)
+        scores.append(score)
+    with open(tokenizer_path, "wb") as f:
+        f.write(struct.pack("<i", max(map(len, pieces))))
+        for piece, score in zip(pieces, scores):
+            f.write(struct.pack("<fi", score, len(piece)) + piece)
+    return order
+
+
+# ----------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    try:
+        configure(globals())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if quantize not in ("", "fp32", "int8"):
+        sys.exit(f"error: --quantize={quantize!r}: expected '' (float32) or 'int8'")
+    try:
+        model, tokenizer, checkpoint = load_checkpoint(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    args = model.args
+    weight_type = 1 if quantize == "int8" else 0
+    group = choose_group_size(args, group_size) if weight_type else 0
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    file_size, max_error = write_model(model, tokenizer, out, weight_type, group)
+    kind = f"int8, group size {group}, max abs rounding error {max_error:.2e}" if weight_type else "float32"
+    print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, {kind}, {file_size / 1e6:.1f} MB")
+    if tokenizer_out:
+        write_tokenizer(tokenizer, tokenizer_out)
+        print(f"wrote {tokenizer_out}: {tokenizer.vocab_size} tokens ({len(tokenizer.special_tokens)} special)")
+    if legacy:
+        write_legacy(model, tokenizer, legacy_out, legacy_tokenizer_out)
+        print(f"wrote {legacy_out} and {legacy_tokenizer_out} for llama2.c's run.c "
+              f"(ids remapped: <|bos|> is 1, byte b is 3 + b)")
+    tokenizer_file = tokenizer_out or "tokenizer.bin"
+    if checkpoint.get("data_format") == "chat":
+        print(f"a chat model: ./run {out} -z {tokenizer_file} -m chat")
+    else:
+        print(f"run it: ./run {out} -z {tokenizer_file} -i \"Once upon a time\"")

@@ -1,0 +1,1110 @@
+/*
+Inference for nanollama models in one C file: libc and libm only (OpenMP optional).
+
+    make runfast
+    ./run model.bin -z tokenizer.bin -t 0.8 -p 0.9 -n 256 -s 42 -i "Once upon a time"
+    ./run model.bin -z tokenizer.bin -m chat -y "You are a helpful assistant."
+
+The model file and the tokenizer file are written by export.py, whose docstring documents both layouts.
+The forward pass is model.py's: RMSNorm, RoPE on interleaved pairs, grouped-query attention, SwiGLU.
+Weights are float32 or group-wise int8; int8 matmuls use the CPU's int8 dot-product instructions
+(AVX-512 VNNI or AVX2, chosen at build time) with a portable fallback.
+Prompts are encoded like tokenizer.py: GPT-4's regex pre-split (written out by hand below, with the Unicode
+letter / number / space classes read from the tokenizer file), then byte-level BPE by merge rank.
+*/
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// errors: user errors print one line and exit 1
+
+static void fail(const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    va_end(args);
+    exit(1);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = calloc(1, n ? n : 1);
+    if (!p) fail("out of memory (allocating %zu bytes)", n);
+    return p;
+}
+
+// ----------------------------------------------------------------------------
+// the Transformer model
+
+#define MODEL_MAGIC "NLLM"
+#define MODEL_VERSION 1
+#define MODEL_HEADER_BYTES 256
+#define ALIGN 64
+
+typedef struct {
+    int dim;         // transformer width
+    int hidden_dim;  // feed-forward width
+    int n_layers;
+    int n_heads;     // query heads
+    int n_kv_heads;  // key/value heads (fewer than n_heads: grouped-query attention)
+    int vocab_size;
+    int seq_len;     // max_seq_len
+    float rope_theta;
+    float norm_eps;
+    int tied;         // 1: the output head is the token embedding
+    int weight_type;  // 0 float32, 1 int8
+    int group_size;   // int8: values per scale
+    uint64_t tokenizer_id;
+} Config;
+
+// A weight matrix (rows, cols), row-major: float32 values, or int8 values with one scale per group.
+typedef struct {
+    const float *f;   // float32 files
+    const int8_t *q;  // int8 files
+    const float *s;   // int8 files: (rows * cols / group_size) scales
+} Matrix;
+
+typedef struct {
+    const float *rms_att;    // (layer, dim)
+    const float *rms_ffn;    // (layer, dim)
+    const float *rms_final;  // (dim)
+    Matrix tok_embeddings;   // (vocab_size, dim)
+    Matrix wq;               // (layer, dim, dim)
+    Matrix wk;               // (layer, kv_dim, dim)
+    Matrix wv;               // (layer, kv_dim, dim)
+    Matrix wo;               // (layer, dim, dim)
+    Matrix w1;               // (layer, hidden_dim, dim)   gate
+    Matrix w2;               // (layer, dim, hidden_dim)   down
+    Matrix w3;               // (layer, hidden_dim, dim)   up
+    Matrix wcls;             // (vocab_size, dim), the embedding when tied
+} Weights;
+
+// an activation vector quantized to int8 for the int8 matmuls
+typedef struct {
+    int8_t *q;  // (n,)
+    float *s;   // (n / group_size,)
+} QVector;
+
+typedef struct {
+    float *x;       // (dim,) the residual stream
+    float *xb;      // (dim,)
+    float *xb2;     // (dim,)
+    float *hb;      // (hidden_dim,)
+    float *hb2;     // (hidden_dim,)
+    float *q;       // (dim,)
+    float *att;     // (n_heads, seq_len)
+    float *logits;  // (vocab_size,)
+    float *key_cache;    // (layer, seq_len, kv_dim)
+    float *value_cache;  // (layer, seq_len, kv_dim)
+    float *rope_cos;     // (seq_len, head_dim / 2)
+    float *rope_sin;     // (seq_len, head_dim / 2)
+    QVector xq;          // quantized input of the next matmul (int8 files)
+} RunState;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    RunState state;
+    void *data;        // the mmapped file
+    size_t file_size;
+} Transformer;
+
+static int read_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float read_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
+static uint64_t read_u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static uint64_t align_up(uint64_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+
+// lay a matrix of n values over the file at *offset and advance the offset past its sections
+static Matrix map_matrix(const unsigned char *base, uint64_t *offset, uint64_t n, const Config *c) {
+    Matrix m = {0};
+    if (c->weight_type == 0) {
+        if (base) m.f = (const float *)(base + *offset);
+        *offset += align_up(n * 4);
+    } else {
+        if (base) m.q = (const int8_t *)(base + *offset);
+        *offset += align_up(n);
+        if (base) m.s = (const float *)(base + *offset);
+        *offset += align_up(n / c->group_size * 4);
+    }
+    return m;
+}
+
+// the sections of the file in order; with base NULL it only computes the size the file must have
+static uint64_t map_weights(Weights *w, const unsigned char *base, const Config *c) {
+    uint64_t dim = c->dim, hidden = c->hidden_dim, layers = c->n_layers, vocab = c->vocab_size;
+    uint64_t kv_dim = dim / c->n_heads * c->n_kv_heads;
+    uint64_t offset = MODEL_HEADER_BYTES;
+    w->rms_att = base ? (const float *)(base + offset) : NULL;
+    offset += align_up(layers * dim * 4);
+    w->rms_ffn = base ? (const float *)(base + offset) : NULL;
+    offset += align_up(layers * dim * 4);
+    w->rms_final = base ? (const float *)(base + offset) : NULL;
+    offset += align_up(dim * 4);
+    w->tok_embeddings = map_matrix(base, &offset, vocab * dim, c);
+    w->wq = map_matrix(base, &offset, layers * dim * dim, c);
+    w->wk = map_matrix(base, &offset, layers * kv_dim * dim, c);
+    w->wv = map_matrix(base, &offset, layers * kv_dim * dim, c);
+    w->wo = map_matrix(base, &offset, layers * dim * dim, c);
+    w->w1 = map_matrix(base, &offset, layers * hidden * dim, c);
+    w->w2 = map_matrix(base, &offset, layers * dim * hidden, c);
+    w->w3 = map_matrix(base, &offset, layers * hidden * dim, c);
+    w->wcls = c->tied ? w->tok_embeddings : map_matrix(base, &offset, vocab * dim, c);
+    return offset;
+}
+
+// the matrix of one layer: `offset` values into a stacked matrix
+static Matrix layer_matrix(Matrix m, size_t offset, int group_size) {
+    Matrix r = m;
+    if (m.f) r.f = m.f + offset;
+    else { r.q = m.q + offset; r.s = m.s + offset / group_size; }
+    return r;
+}
+
+// Read and check the header; every field is bounded so that sizes below cannot overflow.
+static void read_config(Config *c, const unsigned char *h, size_t file_size, const char *path) {
+    if (memcmp(h, MODEL_MAGIC, 4) != 0)
+        fail("%s is not a nanollama model file (no \"NLLM\" magic at its start); write one with export.py", path);
+    int version = read_i32(h + 4);
+    if (version != MODEL_VERSION)
+        fail("%s: model file version %d, this run.c reads version %d; export the model again with export.py",
+             path, version, MODEL_VERSION);
+    c->dim = read_i32(h + 8);
+    c->hidden_dim = read_i32(h + 12);
+    c->n_layers = read_i32(h + 16);
+    c->n_heads = read_i32(h + 20);
+    c->n_kv_heads = read_i32(h + 24);
+    c->vocab_size = read_i32(h + 28);
+    c->seq_len = read_i32(h + 32);
+    c->rope_theta = read_f32(h + 36);
+    c->norm_eps = read_f32(h + 40);
+    c->tied = read_i32(h + 44);
+    c->weight_type = read_i32(h + 48);
+    c->group_size = read_i32(h + 52);
+    c->tokenizer_id = read_u64(h + 56);
+    uint64_t recorded_size = read_u64(h + 64);
+    const char *bad = NULL;
+    if (c->dim <= 0 || c->dim > 65536) bad = "dim";
+    else if (c->hidden_dim <= 0 || c->hidden_dim > 262144) bad = "hidden_dim";
+    else if (c->n_layers <= 0 || c->n_layers > 1024) bad = "n_layers";
+    else if (c->n_heads <= 0 || c->dim % c->n_heads != 0 || (c->dim / c->n_heads) % 2 != 0) bad = "n_heads";
+    else if (c->n_kv_heads <= 0 || c->n_heads % c->n_kv_heads != 0) bad = "n_kv_heads";
+    else if (c->vocab_size <= 0 || c->vocab_size > (1 << 22)) bad = "vocab_size";
+    else if (c->seq_len <= 0 || c->seq_len > (1 << 20)) bad = "max_seq_len";
+    else if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta)) bad = "rope_theta";
+    else if (!(c->norm_eps >= 0.0f) || !isfinite(c->norm_eps)) bad = "norm_eps";
+    else if (c->tied != 0 && c->tied != 1) bad = "tied";
+    else if (c->weight_type != 0 && c->weight_type != 1) bad = "weight_type";
+    else if (c->weight_type == 0 && c->group_size != 0) bad = "group_size";
+    else if (c->weight_type == 1 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
+        bad = "group_size";
+    if (bad) fail("%s: the header has an invalid %s; the file is corrupt (export it again)", path, bad);
+    Weights w;
+    uint64_t expected_size = map_weights(&w, NULL, c);
+    if (recorded_size != file_size || expected_size != file_size)
+        fail("%s: the file has %zu bytes but its header describes %llu (records %llu); it is truncated or corrupt",
+             path, file_size, (unsigned long long)expected_size, (unsigned long long)recorded_size);
+}
+
+static void alloc_run_state(RunState *s, const Config *c) {
+    int kv_dim = c->dim / c->n_heads * c->n_kv_heads, head_dim = c->dim / c->n_heads;
+    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    s->x = xmalloc(c->dim * sizeof(float));
+    s->xb = xmalloc(c->dim * sizeof(float));
+    s->xb2 = xmalloc(c->dim * sizeof(float));
+    s->hb = xmalloc(c->hidden_dim * sizeof(float));
+    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
+    s->q = xmalloc(c->dim * sizeof(float));
+    s->att = xmalloc((size_t)c->n_heads * c->seq_len * sizeof(float));
+    s->logits = xmalloc(c->vocab_size * sizeof(float));
+    s->key_cache = xmalloc((size_t)c->n_layers * c->seq_len * kv_dim * sizeof(float));
+    s->value_cache = xmalloc((size_t)c->n_layers * c->seq_len * kv_dim * sizeof(float));
+    s->xq.q = xmalloc(widest);
+    s->xq.s = xmalloc((c->group_size ? widest / c->group_size : 1) * sizeof(float));
+    // RoPE angles pos * theta^(-2i/head_dim), in double then rounded, as model.py precomputes them
+    s->rope_cos = xmalloc((size_t)c->seq_len * (head_dim / 2) * sizeof(float));
+    s->rope_sin = xmalloc((size_t)c->seq_len * (head_dim / 2) * sizeof(float));
+    for (int pos = 0; pos < c->seq_len; pos++) {
+        for (int i = 0; i < head_dim / 2; i++) {
+            double freq = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / head_dim);
+            double angle = (double)pos * freq;
+            s->rope_cos[(size_t)pos * (head_dim / 2) + i] = (float)cos(angle);
+            s->rope_sin[(size_t)pos * (head_dim / 2) + i] = (float)sin(angle);
+        }
+    }
+}
+
+static void free_run_state(RunState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->att);
+    free(s->logits); free(s->key_cache); free(s->value_cache); free(s->xq.q); free(s->xq.s);
+    free(s->rope_cos); free(s->rope_sin);
+}
+
+static void build_transformer(Transformer *t, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd == -1) fail("cannot open model file %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) fail("%s is not a regular file", path);
+    size_t size = (size_t)st.st_size;
+    if (size < MODEL_HEADER_BYTES)
+        fail("%s has %zu bytes, fewer than the %d-byte header of a model file; it is truncated or not a model file",
+             path, size, MODEL_HEADER_BYTES);
+    void *data = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (data == MAP_FAILED) fail("cannot mmap %s: %s", path, strerror(errno));
+    read_config(&t->config, data, size, path);
+    map_weights(&t->weights, data, &t->config);
+    t->data = data;
+    t->file_size = size;
+    alloc_run_state(&t->state, &t->config);
+}
+
+static void free_transformer(Transformer *t) {
+    munmap(t->data, t->file_size);
+    free_run_state(&t->state);
+}
+
+// ----------------------------------------------------------------------------
+// the building blocks of the forward pass
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int j = 0; j < n; j++) ss += x[j] * x[j];
+    float scale = 1.0f / sqrtf(ss / n + eps);
+    for (int j = 0; j < n; j++) out[j] = weight[j] * (scale * x[j]);
+}
+
+static void softmax(float *x, int n) {
+    float max_val = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max_val) max_val = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max_val); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+// Quantize x (n,) to int8 in groups: scale = max|x| / 127, q = round(x / scale).
+static void quantize(QVector *out, const float *x, int n, int group_size) {
+    for (int g = 0; g < n / group_size; g++) {
+        const float *xg = x + (size_t)g * group_size;
+        float max_abs = 0.0f;
+        for (int j = 0; j < group_size; j++) { float a = fabsf(xg[j]); if (a > max_abs) max_abs = a; }
+        float scale = max_abs / 127.0f, inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
+        out->s[g] = scale;
+        for (int j = 0; j < group_size; j++) out->q[(size_t)g * group_size + j] = (int8_t)lrintf(xg[j] * inverse);
+    }
+}
+
+// One row of an int8 matmul: sum over groups of (int8 dot product) * w_scale * x_scale.
+static float dot_int8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group_size) {
+    int n_groups = n / group_size;
+#if defined(__AVX2__)
+    if (group_size % 32 == 0) {
+        // The dot-product instructions multiply unsigned by signed bytes: use |x| and w * sign(x).
+        __m256 acc = _mm256_setzero_ps();
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+        const __m256i ones = _mm256_set1_epi16(1);
+#endif
+        for (int g = 0; g < n_groups; g++) {
+            __m256i sum = _mm256_setzero_si256();
+            for (int j = g * group_size; j < (g + 1) * group_size; j += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j));
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
+                __m256i x_abs = _mm256_sign_epi8(xv, xv);
+                __m256i w_signed = _mm256_sign_epi8(wv, xv);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                sum = _mm256_dpbusd_epi32(sum, x_abs, w_signed);
+#else
+                // pairs of products fit in int16: 2 * 127 * 127 < 32767
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, w_signed), ones));
+#endif
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(ws[g] * xs[g]), acc);
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+        return _mm_cvtss_f32(s4);
+    }
+#endif
+    // portable fallback
+    float val = 0.0f;
+    for (int g = 0; g < n_groups; g++) {
+        int32_t sum = 0;
+        for (int j = g * group_size; j < (g + 1) * group_size; j++) sum += (int32_t)x[j] * (int32_t)w[j];
+        val += (float)sum * ws[g] * xs[g];
+    }
+    return val;
+}
+
+// out (d,) = W (d, n) @ x (n,); int8 matrices read the already quantized xq instead of x.
+// This is where nearly all the time goes: every weight is read once per token.
+static void matmul(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size) {
+    int i;
+    if (w.f) {
+        #pragma omp parallel for private(i)
+        for (i = 0; i < d; i++) {
+            const float *row = w.f + (size_t)i * n;
+            float val = 0.0f;
+            #pragma omp simd reduction(+:val)
+            for (int j = 0; j < n; j++) val += row[j] * x[j];
+            out[i] = val;
+        }
+    } else {
+        #pragma omp parallel for private(i)
+        for (i = 0; i < d; i++) {
+            out[i] = dot_int8(w.q + (size_t)i * n, w.s + (size_t)i * n / group_size, xq->q, xq->s, n, group_size);
+        }
+    }
+}
+
+// the input of the following matmuls: int8 files quantize it once for all of them
+static void matmul_input(RunState *s, const float *x, int n, const Config *c) {
+    if (c->weight_type == 1) quantize(&s->xq, x, n, c->group_size);
+}
+
+static void embedding_row(float *out, Matrix table, int token, int dim, int group_size) {
+    if (table.f) {
+        memcpy(out, table.f + (size_t)token * dim, dim * sizeof(float));
+    } else {
+        const int8_t *q = table.q + (size_t)token * dim;
+        const float *s = table.s + (size_t)token * dim / group_size;
+        for (int j = 0; j < dim; j++) out[j] = q[j] * s[j / group_size];
+    }
+}
+
+// rotate interleaved pairs (v[2i], v[2i+1]) of every head by the angles of position pos
+static void rope(float *v, int n, int head_dim, const float *cos_pos, const float *sin_pos) {
+    for (int i = 0; i < n; i += 2) {
+        int pair = (i % head_dim) / 2;
+        float c = cos_pos[pair], s = sin_pos[pair], v0 = v[i], v1 = v[i + 1];
+        v[i] = v0 * c - v1 * s;
+        v[i + 1] = v0 * s + v1 * c;
+    }
+}
+
+// the logits of the next token after `token` at position `pos` (the KV cache holds positions < pos)
+static float *forward(Transformer *t, int token, int pos) {
+    Config *c = &t->config;
+    Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int dim = c->dim, hidden = c->hidden_dim, head_dim = dim / c->n_heads;
+    int kv_dim = head_dim * c->n_kv_heads, kv_mul = c->n_heads / c->n_kv_heads, gs = c->group_size;
+    float *x = s->x;
+    embedding_row(x, w->tok_embeddings, token, dim, gs);
+    const float *cos_pos = s->rope_cos + (size_t)pos * (head_dim / 2);
+    const float *sin_pos = s->rope_sin + (size_t)pos * (head_dim / 2);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        // attention: x = x + wo(attention(rmsnorm(x)))
+        rmsnorm(s->xb, x, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
+        float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * kv_dim;  // this position's key and value
+        float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
+        matmul_input(s, s->xb, dim, c);
+        matmul(s->q, s->xb, &s->xq, layer_matrix(w->wq, (size_t)l * dim * dim, gs), dim, dim, gs);
+        matmul(k, s->xb, &s->xq, layer_matrix(w->wk, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs);
+        matmul(v, s->xb, &s->xq, layer_matrix(w->wv, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs);
+        rope(s->q, dim, head_dim, cos_pos, sin_pos);
+        rope(k, kv_dim, head_dim, cos_pos, sin_pos);
+
+        const float *layer_keys = s->key_cache + (size_t)l * c->seq_len * kv_dim;
+        const float *layer_values = s->value_cache + (size_t)l * c->seq_len * kv_dim;
+        float scale = 1.0f / sqrtf((float)head_dim);
+        int h;
+        #pragma omp parallel for private(h)
+        for (h = 0; h < c->n_heads; h++) {
+            const float *q = s->q + h * head_dim;
+            float *att = s->att + (size_t)h * c->seq_len;
+            int kv_head = h / kv_mul;  // grouped-query attention: kv_mul query heads share a K/V head
+            for (int p = 0; p <= pos; p++) {
+                const float *key = layer_keys + (size_t)p * kv_dim + kv_head * head_dim;
+                float score = 0.0f;
+                for (int i = 0; i < head_dim; i++) score += q[i] * key[i];
+                att[p] = score * scale;
+            }
+            softmax(att, pos + 1);
+            float *out = s->xb + h * head_dim;
+            memset(out, 0, head_dim * sizeof(float));
+            for (int p = 0; p <= pos; p++) {
+                const float *value = layer_values + (size_t)p * kv_dim + kv_head * head_dim;
+                float a = att[p];
+                for (int i = 0; i < head_dim; i++) out[i] += a * value[i];
+            }
+        }
+        matmul_input(s, s->xb, dim, c);
+        matmul(s->xb2, s->xb, &s->xq, layer_matrix(w->wo, (size_t)l * dim * dim, gs), dim, dim, gs);
+        for (int i = 0; i < dim; i++) x[i] += s->xb2[i];
+
+        // feed-forward: x = x + w2(silu(w1(rmsnorm(x))) * w3(rmsnorm(x)))
+        rmsnorm(s->xb, x, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+        matmul_input(s, s->xb, dim, c);
+        matmul(s->hb, s->xb, &s->xq, layer_matrix(w->w1, (size_t)l * hidden * dim, gs), dim, hidden, gs);
+        matmul(s->hb2, s->xb, &s->xq, layer_matrix(w->w3, (size_t)l * hidden * dim, gs), dim, hidden, gs);
+        for (int i = 0; i < hidden; i++) {
+            float gate = s->hb[i];
+            s->hb[i] = gate / (1.0f + expf(-gate)) * s->hb2[i];
+        }
+        matmul_input(s, s->hb, hidden, c);
+        matmul(s->xb, s->hb, &s->xq, layer_matrix(w->w2, (size_t)l * dim * hidden, gs), hidden, dim, gs);
+        for (int i = 0; i < dim; i++) x[i] += s->xb[i];
+    }
+    rmsnorm(x, x, w->rms_final, dim, c->norm_eps);
+    matmul_input(s, x, dim, c);
+    matmul(s->logits, x, &s->xq, w->wcls, dim, c->vocab_size, gs);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// the BPE tokenizer
+
+#define TOKENIZER_MAGIC "NLTK"
+#define TOKENIZER_VERSION 1
+#define TOKENIZER_HEADER_BYTES 64
+
+enum { CLASS_LETTER, CLASS_NUMBER, CLASS_SPACE };
+
+typedef struct {
+    int vocab_size;
+    int bos_id;
+    int max_token_bytes;
+    uint64_t id;                    // ties it to a model file
+    const uint32_t *ranges[3];      // per class: inclusive (first, last) code point pairs, sorted
+    int n_ranges[3];
+    const unsigned char **pieces;   // (vocab_size,) each token's bytes
+    int *lengths;                   // (vocab_size,)
+    unsigned char *kinds;           // (vocab_size,) 0 ordinary, 1 special, 2 unused
+    int *table;                     // open-addressing hash table: bytes -> ordinary token id, -1 empty
+    uint32_t table_mask;
+    unsigned char *data;            // the whole file
+} Tokenizer;
+
+static uint32_t hash_bytes(const unsigned char *s, int n) {
+    uint32_t h = 2166136261u;  // FNV-1a
+    for (int i = 0; i < n; i++) { h ^= s[i]; h *= 16777619u; }
+    return h;
+}
+
+// the id of the ordinary token with these bytes, or -1; an ordinary token's id is its merge rank
+static int lookup(const Tokenizer *t, const unsigned char *s, int n) {
+    for (uint32_t i = hash_bytes(s, n) & t->table_mask;; i = (i + 1) & t->table_mask) {
+        int id = t->table[i];
+        if (id < 0) return -1;
+        if (t->lengths[id] == n && memcmp(t->pieces[id], s, n) == 0) return id;
+    }
+}
+
+static int special_id(const Tokenizer *t, const char *name) {
+    int n = (int)strlen(name);
+    for (int i = 0; i < t->vocab_size; i++)
+        if (t->kinds[i] == 1 && t->lengths[i] == n && memcmp(t->pieces[i], name, n) == 0) return i;
+    return -1;
+}
+
+static void build_tokenizer(Tokenizer *t, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) fail("cannot open tokenizer file %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (size < TOKENIZER_HEADER_BYTES)
+        fail("%s has %ld bytes, fewer than the %d-byte header of a tokenizer file; it is truncated or not one",
+             path, size < 0 ? 0 : size, TOKENIZER_HEADER_BYTES);
+    unsigned char *data = xmalloc(size);
+    if (fread(data, 1, size, f) != (size_t)size) fail("cannot read %s", path);
+    fclose(f);
+    if (memcmp(data, TOKENIZER_MAGIC, 4) != 0)
+        fail("%s is not a nanollama tokenizer file (no \"NLTK\" magic); export.py writes one beside the model", path);
+    int version = read_i32(data + 4);
+    if (version != TOKENIZER_VERSION)
+        fail("%s: tokenizer file version %d, this run.c reads version %d", path, version, TOKENIZER_VERSION);
+    t->vocab_size = read_i32(data + 8);
+    t->bos_id = read_i32(data + 12);
+    t->max_token_bytes = read_i32(data + 20);
+    t->id = read_u64(data + 24);
+    if (t->vocab_size <= 0 || t->vocab_size > (1 << 22) || t->bos_id < 0 || t->bos_id >= t->vocab_size ||
+        t->max_token_bytes < 0 || t->max_token_bytes > (1 << 20))
+        fail("%s: the header is corrupt (vocab_size %d, bos_id %d)", path, t->vocab_size, t->bos_id);
+    size_t offset = TOKENIZER_HEADER_BYTES;
+    for (int c = 0; c < 3; c++) {
+        int n = read_i32(data + 32 + 4 * c);
+        if (n < 0 || (size_t)n * 8 > (size_t)size - offset) fail("%s: truncated or corrupt (Unicode tables)", path);
+        t->n_ranges[c] = n;
+        t->ranges[c] = (const uint32_t *)(data + offset);  // offsets are multiples of 4: aligned
+        offset += (size_t)n * 8;
+    }
+    t->pieces = xmalloc(t->vocab_size * sizeof(unsigned char *));
+    t->lengths = xmalloc(t->vocab_size * sizeof(int));
+    t->kinds = xmalloc(t->vocab_size);
+    for (int i = 0; i < t->vocab_size; i++) {
+        if ((size_t)size - offset < 5) fail("%s: truncated (token %d of %d)", path, i, t->vocab_size);
+        unsigned char kind = data[offset];
+        uint32_t length;
+        memcpy(&length, data + offset + 1, 4);
+        offset += 5;
+        if (kind > 2 || length > (uint32_t)t->max_token_bytes || length > (size_t)size - offset)
+            fail("%s: truncated or corrupt (token %d of %d)", path, i, t->vocab_size);
+        t->kinds[i] = kind;
+        t->lengths[i] = (int)length;
+        t->pieces[i] = data + offset;
+        offset += length;
+    }
+    if (offset != (size_t)size) fail("%s: %zu unexpected bytes after the last token; the file is corrupt",
+                                     path, (size_t)size - offset);
+    uint32_t table_size = 1;
+    while (table_size < 2u * (uint32_t)t->vocab_size) table_size <<= 1;
+    t->table = xmalloc(table_size * sizeof(int));
+    t->table_mask = table_size - 1;
+    memset(t->table, 0xff, table_size * sizeof(int));
+    for (int id = 0; id < t->vocab_size; id++) {
+        if (t->kinds[id] != 0) continue;
+        if (lookup(t, t->pieces[id], t->lengths[id]) >= 0) fail("%s: token %d appears twice; corrupt", path, id);
+        uint32_t i = hash_bytes(t->pieces[id], t->lengths[id]) & t->table_mask;
+        while (t->table[i] >= 0) i = (i + 1) & t->table_mask;
+        t->table[i] = id;
+    }
+    if (t->kinds[t->bos_id] != 1) fail("%s: bos_id %d is not a special token; corrupt", path, t->bos_id);
+    t->data = data;
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    free(t->pieces); free(t->lengths); free(t->kinds); free(t->table); free(t->data);
+}
+
+// --- the GPT-4 pre-split, on code points ---
+
+static int in_class(const Tokenizer *t, int class, uint32_t cp) {
+    if (cp < 128) {  // ASCII fast path
+        if (class == CLASS_LETTER) return (cp | 32) >= 'a' && (cp | 32) <= 'z';
+        if (class == CLASS_NUMBER) return cp >= '0' && cp <= '9';
+        return cp == ' ' || (cp >= 9 && cp <= 13);
+    }
+    const uint32_t *r = t->ranges[class];
+    int lo = 0, hi = t->n_ranges[class] - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        uint32_t first, last;
+        memcpy(&first, r + 2 * mid, 4);
+        memcpy(&last, r + 2 * mid + 1, 4);
+        if (cp < first) hi = mid - 1;
+        else if (cp > last) lo = mid + 1;
+        else return 1;
+    }
+    return 0;
+}
+
+// decode UTF-8; an invalid byte becomes one code point of its own (0xFFFD) so nothing is lost
+static int utf8_decode(const unsigned char *s, int n, uint32_t *cp) {
+    unsigned char c = s[0];
+    int len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (len == 0 || len > n) { *cp = 0xFFFD; return 1; }
+    uint32_t v = len == 1 ? c : c & (0x7F >> len);
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) { *cp = 0xFFFD; return 1; }
+        v = (v << 6) | (s[i] & 0x3F);
+    }
+    *cp = v;
+    return len;
+}
+
+/*
+Where the chunk starting at code point i ends (exclusive), following
+    '(?i:[sdmt]|ll|ve|re) | [^\r\n\p{L}\p{N}]?+\p{L}+ | \p{N}{1,3} | ?[^\s\p{L}\p{N}]++[\r\n]* | \s*[\r\n] |
+    \s+(?!\S) | \s+
+alternative by alternative, as the regex engine tries them. The case-insensitive contractions match ASCII
+letters only (the regex engines would also fold a few exotic letters, e.g. U+017F into s).
+*/
+static int chunk_end(const Tokenizer *t, const uint32_t *cp, int n, int i) {
+#define IS_L(c) in_class(t, CLASS_LETTER, c)
+#define IS_N(c) in_class(t, CLASS_NUMBER, c)
+#define IS_S(c) in_class(t, CLASS_SPACE, c)
+#define IS_NL(c) ((c) == '\r' || (c) == '\n')
+    if (cp[i] == '\'' && i + 1 < n) {
+        uint32_t a = cp[i + 1] < 128 ? (uint32_t)tolower((int)cp[i + 1]) : 0;
+        if (a == 's' || a == 'd' || a == 'm' || a == 't') return i + 2;
+        if (i + 2 < n && cp[i + 2] < 128) {
+            uint32_t b = (uint32_t)tolower((int)cp[i + 2]);
+            if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return i + 3;
+        }
+    }
+    int j = i;
+    if (!IS_NL(cp[j]) && !IS_L(cp[j]) && !IS_N(cp[j])) j++;  // possessive: never given back
+    if (j < n && IS_L(cp[j])) {
+        while (j < n && IS_L(cp[j])) j++;
+        return j;
+    }
+    if (IS_N(cp[i])) {
+        j = i;
+        while (j < n && j < i + 3 && IS_N(cp[j])) j++;
+        return j;
+    }
+    j = i + (cp[i] == ' ');
+    int k = j;
+    while (k < n && !IS_S(cp[k]) && !IS_L(cp[k]) && !IS_N(cp[k])) k++;
+    if (k > j) {
+        while (k < n && IS_NL(cp[k])) k++;
+        return k;
+    }
+    int end = i;
+    while (end < n && IS_S(cp[end])) end++;  // the whitespace run [i, end)
+    for (int p = end - 1; p >= i; p--) if (IS_NL(cp[p])) return p + 1;  // \s*[\r\n]
+    if (end == n) return end;                                       // \s+(?!\S) at the end of the text
+    if (end - i >= 2) return end - 1;                               // \s+(?!\S): leave one space for the next word
+    return end > i ? end : i + 1;                                   // \s+
+#undef IS_L
+#undef IS_N
+#undef IS_S
+#undef IS_NL
+}
+
+// byte-level BPE of one chunk: merge the adjacent pair with the lowest rank until none is a token
+static int bpe_chunk(const Tokenizer *t, const unsigned char *s, int n, int *out, int *starts, int *ranks) {
+    int whole = lookup(t, s, n);
+    if (whole >= 0) { out[0] = whole; return 1; }
+    int parts = n;  // part p is s[starts[p] .. starts[p + 1])
+    for (int p = 0; p <= n; p++) starts[p] = p;
+    for (int p = 0; p + 1 < parts; p++) ranks[p] = lookup(t, s + starts[p], starts[p + 2] - starts[p]);
+    for (;;) {
+        int best = -1;
+        for (int p = 0; p + 1 < parts; p++)
+            if (ranks[p] >= 0 && (best < 0 || ranks[p] < ranks[best])) best = p;
+        if (best < 0) break;
+        // part best absorbs part best + 1; the pairs after it shift down by one
+        memmove(starts + best + 1, starts + best + 2, (parts - best - 1) * sizeof(int));
+        if (parts - best - 3 > 0) memmove(ranks + best + 1, ranks + best + 2, (parts - best - 3) * sizeof(int));
+        parts--;
+        if (best > 0) ranks[best - 1] = lookup(t, s + starts[best - 1], starts[best + 1] - starts[best - 1]);
+        if (best + 1 < parts) ranks[best] = lookup(t, s + starts[best], starts[best + 2] - starts[best]);
+    }
+    for (int p = 0; p < parts; p++) {
+        out[p] = lookup(t, s + starts[p], starts[p + 1] - starts[p]);
+        if (out[p] < 0) fail("the tokenizer has no token for byte 0x%02x; it cannot encode this text", s[starts[p]]);
+    }
+    return parts;
+}
+
+// text -> token ids (no <|bos|>); returns how many were written to *ids (malloc'd)
+static int encode(const Tokenizer *t, const char *text, int **ids) {
+    const unsigned char *s = (const unsigned char *)text;
+    int n_bytes = (int)strlen(text);
+    uint32_t *cp = xmalloc((n_bytes + 1) * sizeof(uint32_t));
+    int *offsets = xmalloc((n_bytes + 1) * sizeof(int));  // byte offset of each code point
+    int n = 0;
+    for (int b = 0; b < n_bytes; n++) {
+        offsets[n] = b;
+        b += utf8_decode(s + b, n_bytes - b, &cp[n]);
+    }
+    offsets[n] = n_bytes;
+    *ids = xmalloc((n_bytes + 1) * sizeof(int));
+    int *starts = xmalloc((n_bytes + 2) * sizeof(int)), *ranks = xmalloc((n_bytes + 1) * sizeof(int));
+    int n_ids = 0;
+    for (int i = 0; i < n;) {
+        int end = chunk_end(t, cp, n, i);
+        n_ids += bpe_chunk(t, s + offsets[i], offsets[end] - offsets[i], *ids + n_ids, starts, ranks);
+        i = end;
+    }
+    free(cp); free(offsets); free(starts); free(ranks);
+    return n_ids;
+}
+
+// ----------------------------------------------------------------------------
+// the sampler: greedy, or temperature + top-p with a seeded generator
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature;  // 0 = greedy
+    float topp;         // 1.0 = off
+    uint64_t rng_state;
+    ProbIndex *candidates;  // (vocab_size,) scratch for top-p
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) {  // xorshift64*
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }  // [0, 1)
+
+static int argmax(const float *x, int n) {
+    int best = 0;  // the first maximum, as torch.argmax
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int sample_from(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += probs[i]; if (coin < cdf) return i; }
+    return n - 1;  // rounding
+}
+
+/*
+Top-p without sorting the vocabulary: tokens below (1 - p) / (n - 1) can never be in the nucleus, so they are
+dropped first; then a quickselect-style partition finds the smallest set of most likely tokens whose mass
+reaches p (expected linear time, even when near-flat logits keep most tokens as candidates). The nucleus is
+left unordered; sampling walks it in that order.
+*/
+static int sample_topp(const float *probs, int n, float topp, ProbIndex *c, float coin) {
+    float cutoff = (1.0f - topp) / (n - 1);
+    int m = 0;
+    for (int i = 0; i < n; i++) if (probs[i] >= cutoff) { c[m].prob = probs[i]; c[m].index = i; m++; }
+    if (m == 0) return argmax(probs, n);
+    int lo = 0, hi = m, end = m;  // c[0:lo] is in the nucleus; the boundary lies in c[lo:hi]
+    float mass_in = 0.0f;
+    while (lo < hi) {
+        float pivot = c[lo + (hi - lo) / 2].prob;
+        // three-way partition of c[lo:hi]: > pivot, == pivot, < pivot
+        int gt = lo, i = lo, lt = hi;
+        float mass_gt = 0.0f, mass_eq = 0.0f;
+        while (i < lt) {
+            if (c[i].prob > pivot) { mass_gt += c[i].prob; ProbIndex tmp = c[gt]; c[gt++] = c[i]; c[i++] = tmp; }
+            else if (c[i].prob < pivot) { ProbIndex tmp = c[--lt]; c[lt] = c[i]; c[i] = tmp; }
+            else { mass_eq += c[i].prob; i++; }
+        }
+        if (mass_in + mass_gt >= topp && gt > lo) { hi = gt; continue; }
+        mass_in += mass_gt;
+        if (mass_in + mass_eq >= topp) {  // equal tokens: take as many as needed
+            end = gt;
+            while (end < lt && mass_in < topp) { mass_in += c[end].prob; end++; }
+            break;
+        }
+        mass_in += mass_eq;
+        lo = lt;
+        end = lt;
+        if (lo >= hi) break;
+    }
+    float r = coin * mass_in, cdf = 0.0f;
+    for (int i = 0; i < end; i++) { cdf += c[i].prob; if (r < cdf) return c[i].index; }
+    return c[end - 1].index;  // rounding
+}
+
+static int sample(Sampler *sampler, float *logits) {
+    if (sampler->temperature == 0.0f) return argmax(logits, sampler->vocab_size);
+    for (int i = 0; i < sampler->vocab_size; i++) logits[i] /= sampler->temperature;
+    softmax(logits, sampler->vocab_size);
+    float coin = random_f32(&sampler->rng_state);
+    if (sampler->topp <= 0.0f || sampler->topp >= 1.0f) return sample_from(logits, sampler->vocab_size, coin);
+    return sample_topp(logits, sampler->vocab_size, sampler->topp, sampler->candidates, coin);
+}
+
+// ----------------------------------------------------------------------------
+// generation, chat and perplexity
+
+static double time_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// print a token's bytes; special tokens of tool use print as sample.py shows them, others not at all
+static void print_token(const Tokenizer *t, int id) {
+    if (id < 0 || id >= t->vocab_size) return;
+    if (t->kinds[id] == 0) {
+        fwrite(t->pieces[id], 1, t->lengths[id], stdout);
+    } else if (t->kinds[id] == 1) {
+        const char *name = (const char *)t->pieces[id];
+        int n = t->lengths[id];
+        if (n == 16 && !memcmp(name, "<|python_start|>", 16)) printf("[calculator: ");
+        else if (n == 14 && !memcmp(name, "<|python_end|>", 14)) printf("]");
+        else if (n == 16 && !memcmp(name, "<|output_start|>", 16)) printf(" = ");
+        else if (n == 14 && !memcmp(name, "<|output_end|>", 14)) printf(" ");
+    }
+    fflush(stdout);
+}
+
+static void print_logits(const float *logits, int n) {
+    printf("logits:");
+    for (int i = 0; i < n; i++) printf(" %.9g", logits[i]);
+    printf("\n");
+}
+
+static void report_speed(int n_timed, double t_start) {
+    double elapsed = time_s() - t_start;
+    if (n_timed > 0 && elapsed > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / elapsed);
+}
+
+static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *prompt, int steps,
+                     int print_first_logits, int show_tokens) {
+    int *text_ids;
+    int n_text = encode(tok, prompt, &text_ids);
+    int n_prompt = n_text + 1, seq_len = tr->config.seq_len;
+    if (n_prompt > seq_len) fail("the prompt is %d tokens; the model's context is %d", n_prompt, seq_len);
+    int *tokens = xmalloc((size_t)(n_prompt + (steps > 0 ? steps : 0)) * sizeof(int));
+    tokens[0] = tok->bos_id;
+    memcpy(tokens + 1, text_ids, n_text * sizeof(int));
+    free(text_ids);
+    int max_len = n_prompt + steps < seq_len ? n_prompt + steps : seq_len;
+    fputs(prompt, stdout);
+    fflush(stdout);
+    double t_start = 0.0;
+    int n_generated = 0, n_timed = 0;
+    for (int pos = 0; pos + 1 < max_len; pos++) {
+        float *logits = forward(tr, tokens[pos], pos);
+        if (pos + 1 < n_prompt) continue;  // still reading the prompt
+        if (print_first_logits && n_generated == 0) print_logits(logits, tr->config.vocab_size);
+        int next = sample(sampler, logits);
+        tokens[pos + 1] = next;
+        n_generated++;
+        if (n_generated == 1) t_start = time_s();  // like llama2.c: time from the first sampled token on
+        else n_timed++;
+        if (next == tok->bos_id) break;  // the model started a new document
+        print_token(tok, next);
+    }
+    printf("\n");
+    if (show_tokens) {
+        printf("tokens:");
+        for (int i = n_prompt; i < n_prompt + n_generated; i++) printf(" %d", tokens[i]);
+        printf("\n");
+    }
+    report_speed(n_timed, t_start);
+    free(tokens);
+}
+
+// read a line from stdin into buffer without its newline; 0 at end of input
+static int read_line(const char *message, char *buffer, size_t size) {
+    printf("%s", message);
+    fflush(stdout);
+    if (!fgets(buffer, (int)size, stdin)) return 0;
+    buffer[strcspn(buffer, "\r\n")] = '\0';
+    return 1;
+}
+
+// append ids to the pending tokens, failing clearly when the conversation outgrows the context
+static void push(int *pending, int *n_pending, int id, int pos, int seq_len) {
+    if (pos + *n_pending + 1 > seq_len) fail("the conversation is longer than the model's context (%d tokens)", seq_len);
+    pending[(*n_pending)++] = id;
+}
+
+/*
+Chat with the format of tokenizer.render_conversation:
+    <|bos|> [<|system_start|> system <|system_end|>] <|user_start|> user <|user_end|> <|assistant_start|> ...
+The assistant's turn ends at <|assistant_end|>. The first user message comes from -i (or stdin), the following
+ones from stdin; the conversation continues in the KV cache until end of input or the end of the context.
+Tool calls are shown as [calculator: ...] but not run: run.c has no calculator.
+*/
+static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *first_message,
+                 const char *system_prompt, int steps) {
+    const char *names[] = {"<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                           "<|system_start|>", "<|system_end|>"};
+    int ids[6];
+    for (int i = 0; i < 6; i++) {
+        ids[i] = special_id(tok, names[i]);
+        if (ids[i] < 0) fail("the tokenizer has no %s token; chat mode needs the chat special tokens", names[i]);
+    }
+    int user_start = ids[0], user_end = ids[1], assistant_start = ids[2], assistant_end = ids[3];
+    int seq_len = tr->config.seq_len, pos = 0, carry = -1;  // carry: the last sampled token, not yet fed
+    int *pending = xmalloc((size_t)seq_len * sizeof(int));
+    char line[8192];
+    int n_timed = 0;
+    double time_in_generation = 0.0;
+    for (int turn = 0;; turn++) {
+        const char *message = NULL;
+        if (turn == 0 && first_message) {
+            message = first_message;
+            printf("User: %s\n", message);
+        } else {
+            if (!read_line("User: ", line, sizeof(line))) break;
+            message = line;
+        }
+        int n_pending = 0;
+        if (carry >= 0) push(pending, &n_pending, carry, pos, seq_len);
+        if (turn == 0) {
+            push(pending, &n_pending, tok->bos_id, pos, seq_len);
+            if (system_prompt && system_prompt[0]) {
+                int *sys_ids, n_sys = encode(tok, system_prompt, &sys_ids);
+                push(pending, &n_pending, ids[4], pos, seq_len);
+                for (int i = 0; i < n_sys; i++) push(pending, &n_pending, sys_ids[i], pos, seq_len);
+                push(pending, &n_pending, ids[5], pos, seq_len);
+                free(sys_ids);
+            }
+        }
+        int *user_ids, n_user = encode(tok, message, &user_ids);
+        push(pending, &n_pending, user_start, pos, seq_len);
+        for (int i = 0; i < n_user; i++) push(pending, &n_pending, user_ids[i], pos, seq_len);
+        free(user_ids);
+        push(pending, &n_pending, user_end, pos, seq_len);
+        push(pending, &n_pending, assistant_start, pos, seq_len);
+        float *logits = NULL;
+        for (int i = 0; i < n_pending; i++) logits = forward(tr, pending[i], pos++);
+        printf("Assistant: ");
+        double t0 = time_s();
+        int n_new = 0, next;
+        for (;;) {
+            next = sample(sampler, logits);
+            n_new++;
+            if (next == assistant_end || next == tok->bos_id || pos >= seq_len || (steps > 0 && n_new > steps)) break;
+            print_token(tok, next);
+            logits = forward(tr, next, pos++);
+            n_timed++;
+        }
+        time_in_generation += time_s() - t0;
+        printf("\n");
+        if (next != assistant_end) {
+            if (pos >= seq_len) { fprintf(stderr, "(the context of %d tokens is full)\n", seq_len); break; }
+            next = assistant_end;  // cut off by -n or ended by <|bos|>: close the turn as the format wants
+        }
+        carry = next;
+    }
+    if (n_timed > 0 && time_in_generation > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / time_in_generation);
+    free(pending);
+}
+
+// mean negative log-likelihood of the text, in windows of seq_len tokens that each start with <|bos|>
+static void perplexity(Transformer *tr, Tokenizer *tok, const char *text) {
+    int *ids, n = encode(tok, text, &ids), seq_len = tr->config.seq_len, vocab = tr->config.vocab_size;
+    if (n == 0) fail("perplexity needs some text (-i or -f)");
+    double nll = 0.0;
+    long count = 0;
+    double t0 = time_s();
+    for (int start = 0; start < n; start += seq_len - 1) {
+        int window = n - start < seq_len - 1 ? n - start : seq_len - 1;
+        int previous = tok->bos_id;
+        for (int i = 0; i < window; i++) {
+            float *logits = forward(tr, previous, i);
+            float max_val = logits[argmax(logits, vocab)];
+            double sum = 0.0;
+            for (int v = 0; v < vocab; v++) sum += exp((double)logits[v] - max_val);
+            nll += log(sum) + max_val - logits[ids[start + i]];
+            count++;
+            previous = ids[start + i];
+        }
+    }
+    printf("tokens: %ld\nmean nll: %.6f\nperplexity: %.6f\n", count, nll / count, exp(nll / count));
+    report_speed((int)count, t0);
+    free(ids);
+}
+
+// ----------------------------------------------------------------------------
+// the command line
+
+static void usage(void) {
+    fprintf(stderr,
+            "Usage:   run <model file> [options]\n"
+            "Example: run model.bin -z tokenizer.bin -t 0.8 -p 0.9 -n 256 -s 42 -i \"Once upon a time\"\n"
+            "Options:\n"
+            "  -z <string> tokenizer file, default tokenizer.bin\n"
+            "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
+            "  -p <float>  top-p (nucleus) in [0, 1], default 0.9 (1.0 = off)\n"
+            "  -s <int>    random seed, default time-based\n"
+            "  -n <int>    new tokens to generate, default 256 (capped by the context); chat: per answer, 0 = no cap\n"
+            "  -i <string> prompt (chat: the first user message)\n"
+            "  -f <string> read the prompt from this file\n"
+            "  -m <string> mode: generate | chat | perplexity, default generate\n"
+            "  -y <string> system prompt in chat mode\n"
+            "  -v <int>    1: print the generated token ids at the end, default 0\n"
+            "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n");
+    exit(1);
+}
+
+static char *read_text_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) fail("cannot open prompt file %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (size < 0) fail("cannot read %s", path);
+    char *text = xmalloc(size + 1);
+    if (fread(text, 1, size, f) != (size_t)size) fail("cannot read %s", path);
+    fclose(f);
+    if (memchr(text, 0, size)) fail("%s contains a NUL byte; expected text", path);
+    return text;
+}
+
+static float parse_float(const char *flag, const char *value) {
+    char *end;
+    float v = strtof(value, &end);
+    if (*value == '\0' || *end != '\0' || !isfinite(v)) fail("%s expects a number, got '%s'", flag, value);
+    return v;
+}
+
+static long parse_int(const char *flag, const char *value) {
+    char *end;
+    long v = strtol(value, &end, 10);
+    if (*value == '\0' || *end != '\0') fail("%s expects an integer, got '%s'", flag, value);
+    return v;
+}
+
+int main(int argc, char *argv[]) {
+    const char *model_path = NULL, *tokenizer_path = "tokenizer.bin", *prompt = NULL, *prompt_file = NULL;
+    const char *mode = "generate", *system_prompt = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    long steps = 256, seed = -1, show_tokens = 0, print_first_logits = 0;
+    if (argc < 2 || argv[1][0] == '-') usage();
+    model_path = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        if (argv[i][0] != '-' || strlen(argv[i]) != 2) usage();
+        if (i + 1 >= argc) fail("%s needs a value", argv[i]);
+        const char *v = argv[i + 1];
+        switch (argv[i][1]) {
+            case 't': temperature = parse_float("-t", v); break;
+            case 'p': topp = parse_float("-p", v); break;
+            case 's': seed = parse_int("-s", v); break;
+            case 'n': steps = parse_int("-n", v); break;
+            case 'i': prompt = v; break;
+            case 'f': prompt_file = v; break;
+            case 'z': tokenizer_path = v; break;
+            case 'm': mode = v; break;
+            case 'y': system_prompt = v; break;
+            case 'v': show_tokens = parse_int("-v", v); break;
+            case 'l': print_first_logits = parse_int("-l", v); break;
+            default: usage();
+        }
+    }
+    if (temperature < 0.0f) fail("-t must be >= 0, got %g", temperature);
+    if (topp < 0.0f || topp > 1.0f) fail("-p must be in [0, 1], got %g", topp);
+    if (steps < 0 || steps > (1 << 24)) fail("-n must be in [0, 2^24], got %ld", steps);
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity"))
+        fail("unknown mode -m %s; expected generate, chat or perplexity", mode);
+    char *file_text = prompt_file ? read_text_file(prompt_file) : NULL;
+    if (file_text) prompt = file_text;
+
+    Transformer transformer;
+    build_transformer(&transformer, model_path);
+    Tokenizer tokenizer;
+    build_tokenizer(&tokenizer, tokenizer_path);
+    if (tokenizer.id != transformer.config.tokenizer_id)
+        fail("%s does not belong to %s (the model was exported with another tokenizer); use the tokenizer file "
+             "export.py wrote with it", tokenizer_path, model_path);
+    if (tokenizer.vocab_size > transformer.config.vocab_size)
+        fail("%s has %d tokens but %s only %d", tokenizer_path, tokenizer.vocab_size, model_path,
+             transformer.config.vocab_size);
+
+    Sampler sampler = {transformer.config.vocab_size, temperature, topp,
+                       seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL), NULL};
+    if (sampler.rng_state == 0) sampler.rng_state = 0x9E3779B97F4A7C15ull;  // xorshift needs a nonzero state
+    for (int i = 0; i < 4; i++) random_u32(&sampler.rng_state);              // mix small seeds
+    sampler.candidates = xmalloc((size_t)transformer.config.vocab_size * sizeof(ProbIndex));
+
+    if (!strcmp(mode, "generate")) generate(&transformer, &tokenizer, &sampler, prompt ? prompt : "", (int)steps,
+                                            (int)print_first_logits, (int)show_tokens);
+    else if (!strcmp(mode, "chat")) chat(&transformer, &tokenizer, &sampler, prompt, system_prompt, (int)steps);
+    else perplexity(&transformer, &tokenizer, prompt ? prompt : "");
+
+    free(sampler.candidates);
+    free_tokenizer(&tokenizer);
+    free_transformer(&transformer);
+    free(file_text);
+    return 0;
+}

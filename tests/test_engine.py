@@ -1,0 +1,251 @@
+"""engine.py: the calculator (a whitelisted evaluator, never eval), the tool state machine, streaming text."""
+
+import time
+
+import pytest
+import torch
+
+import engine
+from conftest import random_model
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+
+
+class ScriptedModel(Transformer):
+    """
+    Transformer.generate's real loop (KV cache, sampling, stop tokens, tool hook) over a network that plays a
+    script: reply(seen) -> the next token, where seen is every token fed in so far (prompt, sampled and forced).
+    All the probability goes to that token, so the script plays out at any temperature.
+    """
+
+    def __init__(self, reply, vocab_size=267, max_seq_len=256, delay_s=0.0, interrupt_after=None):
+        super().__init__(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=vocab_size, max_seq_len=max_seq_len))
+        self.reply, self.delay_s, self.interrupt_after = reply, delay_s, interrupt_after
+        self.cache, self.seen, self.prompts = None, [], []
+
+    def forward(self, tokens, targets=None, kv_cache=None, loss_reduction="mean"):
+        if kv_cache is not self.cache:  # a new generate() call
+            self.cache, self.seen, self.steps = kv_cache, [], 0
+            self.prompts.append(tokens[0].tolist())
+        self.seen += tokens[0].tolist()
+        self.steps += 1
+        if self.interrupt_after is not None and self.steps > self.interrupt_after:
+            raise KeyboardInterrupt  # what Ctrl-C does in the middle of a reply
+        time.sleep(self.delay_s)
+        logits = torch.full((tokens.shape[0], tokens.shape[1], self.args.vocab_size), -1e4)
+        logits[:, -1, self.reply(self.seen)] = 0.0
+        return logits, None
+
+
+def calculator_script(tokenizer, expression, answer_prefix="The answer is "):
+    """
+    A model that, after <|assistant_start|>, writes <|python_start|>expression<|python_end|>, waits for the
+    tool's output, then writes answer_prefix + the output it was given + <|assistant_end|>.
+    """
+    special = tokenizer.special
+    call = [special("<|python_start|>")] + tokenizer.encode(expression) + [special("<|python_end|>")]
+    output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def reply(seen):
+        start = len(seen) - seen[::-1].index(special("<|assistant_start|>"))
+        generated = seen[start:]
+        if len(generated) < len(call):
+            return call[len(generated)]
+        if output_end not in generated:
+            return 0  # the tool's output is being forced in; what the model says here is ignored
+        given = generated[generated.index(output_start) + 1:generated.index(output_end)]
+        answer = tokenizer.encode(answer_prefix) + given + [special("<|assistant_end|>")]
+        written = generated[generated.index(output_end) + 1:]
+        return answer[len(written)] if len(written) < len(answer) else special("<|assistant_end|>")
+
+    return reply
+
+
+def text_script(tokenizer, text):
+    """A model that answers every conversation with text, then <|assistant_end|>."""
+    answer = tokenizer.encode(text) + [tokenizer.special("<|assistant_end|>")]
+
+    def reply(seen):
+        start = len(seen) - seen[::-1].index(tokenizer.special("<|assistant_start|>"))
+        written = seen[start:]
+        return answer[len(written)] if len(written) < len(answer) else answer[-1]
+
+    return reply
+
+
+@pytest.fixture
+def tokenizer():
+    return Tokenizer.byte_level()
+
+
+# -----------------------------------------------------------------------------------------------------
+# the calculator
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("12*7", "84"), ("2 + 3 * 4", "14"), ("(2 + 3) * 4", "20"), ("-5 + 2", "-3"), ("7 // 2", "3"), ("7 % 4", "3"),
+    ("2 ** 10", "1024"), ("10 / 4", "2.5"), ("1 / 3", "0.333333"), ("6 / 3", "2"), ("1,200 * 3", "3600"),
+    ("1,234,567 + 1", "1234568"), ("len('strawberry')", "10"), ("'strawberry'.count('r')", "3"),
+    ("'Hello'.lower()", "hello"), ("  3 +  4 ", "7"),
+])
+def test_calculator_answers_arithmetic_and_letter_counting(expression, expected):
+    assert engine.calculator(expression) == expected
+
+
+@pytest.mark.parametrize("expression, reason", [
+    ("__import__('os').system('ls')", "only len() and string methods"),
+    ("open('/etc/passwd')", "only len() and string methods"),
+    ("x + 1", "Name not allowed"),
+    ("(1).__class__", "Attribute not allowed"),
+    ("'a'.__len__()", "only len() and string methods"),
+    ("(lambda: 1)()", "only len() and string methods"),
+    ("lambda: 1", "Lambda not allowed"),
+    ("[x for x in 'abc']", "not allowed"),
+    ("9 ** 9 ** 9", "exponent too large"),
+    ("2 ** 5000", "exponent too large"),
+    ("7 ** 999", "result too large"),
+    ("10 ** 150 * 10 ** 150", "result too large"),
+    ("'a' * 10", "arithmetic needs numbers"),
+    ("'" + "a" * 300 + "'", "expression too long"),
+    ("'aaaa'.replace('a', 'aaaaaaaaaa').replace('a', 'aaaaaaaaaa').replace('a', 'aaaaaaaaaa')", "string too long"),
+    ("1 / 0", "division by zero"),
+    ("(-8) ** 0.5", "not a real number"),
+    ("1e308 * 10", "not a finite number"),
+    ("(1, 2)", "Tuple not allowed"),
+    ("True + 1", "not allowed"),
+    ("2 +", "not a valid expression"),
+    ("+".join(["1"] * 60), "too complex"),
+])
+def test_calculator_refuses_with_an_error_text(expression, reason):
+    result = engine.calculator(expression)
+    assert result.startswith("error:") and reason in result, result
+
+
+def test_calculator_time_limit_stops_slow_work():
+    def spin():
+        while True:
+            pass
+    t0 = time.time()
+    with pytest.raises(TimeoutError):
+        engine._with_time_limit(spin, 0.05)
+    assert time.time() - t0 < 1.0
+
+
+# -----------------------------------------------------------------------------------------------------
+# the tool state machine
+
+
+def test_tool_call_is_evaluated_and_forced_into_the_sequence(tokenizer):
+    model = ScriptedModel(calculator_script(tokenizer, "12*7"))
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "What is 12 times 7?"}])
+    steps = list(engine.generate(model, tokenizer, prompt, max_new_tokens=100, temperature=0.8, seed=0))
+    tokens, forced = [s[0][0] for s in steps], [s[1][0] for s in steps]
+    special = tokenizer.special
+    call = [special("<|python_start|>")] + tokenizer.encode("12*7") + [special("<|python_end|>")]
+    output = [special("<|output_start|>")] + tokenizer.encode("84") + [special("<|output_end|>")]
+    answer = tokenizer.encode("The answer is 84") + [special("<|assistant_end|>")]
+    assert tokens == call + output + answer
+    assert forced == [False] * len(call) + [True] * len(output) + [False] * len(answer)
+    # the model was fed the forced tokens: its answer repeats the result it was given
+    assert model.seen[-(len(output) + len(answer) - 1):] == output + answer[:-1]  # (the stop token is not fed)
+    text, ids = engine.generate_reply(model, tokenizer, [{"role": "user", "content": "What is 12 times 7?"}])
+    assert ids == tokens and text == "12*784The answer is 84"  # special tokens are left out of the text
+
+
+def test_failing_tool_call_gives_an_error_output_not_an_exception(tokenizer):
+    model = ScriptedModel(calculator_script(tokenizer, "__import__('os').getcwd()", answer_prefix="Sorry: "))
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hack"}])
+    pieces = [p[0] for _, p in engine.generate_text(model, tokenizer, prompt, max_new_tokens=200)]
+    text = "".join(pieces)
+    assert "<|output_start|>error: only len() and string methods may be called<|output_end|>" in text
+    assert text.endswith("Sorry: error: only len() and string methods may be called")
+
+
+def test_python_end_without_start_and_tools_off(tokenizer):
+    hook = engine.make_tool_hook(tokenizer)
+    orphan = [tokenizer.special("<|assistant_start|>")] + tokenizer.encode("1+1") + [tokenizer.special("<|python_end|>")]
+    assert tokenizer.decode(hook(0, orphan)[1:-1]).startswith("error: <|python_end|> without")
+    # an earlier turn's tool call is not mistaken for this one's
+    earlier = [tokenizer.special("<|python_start|>")] + tokenizer.encode("2+2") + [tokenizer.special("<|python_end|>")]
+    assert tokenizer.decode(hook(0, earlier + orphan)[1:-1]).startswith("error:")
+    assert hook(0, tokenizer.encode("2+2")) is None  # only <|python_end|> calls the tool
+    # tools=False: nothing is forced; the model's own tokens continue
+    model = ScriptedModel(calculator_script(tokenizer, "1+1"))
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hi"}])
+    steps = list(engine.generate(model, tokenizer, prompt, max_new_tokens=8, tools=False))
+    assert not any(s[1][0] for s in steps)
+
+
+# -----------------------------------------------------------------------------------------------------
+# generation: batches, seeds, stop tokens, limits
+
+
+def test_samples_in_one_batch_are_seeded_and_stop_at_max_tokens(tokenizer):
+    model = random_model(vocab_size=267, max_seq_len=128)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Tell me a story."}])
+
+    def run(seed):
+        steps = list(engine.generate(model, tokenizer, prompt, max_new_tokens=12, temperature=1.0, top_k=50,
+                                     top_p=0.9, seed=seed, num_samples=3, tools=False, stop_tokens=[]))
+        return [[s[0][i] for s in steps] for i in range(3)]
+
+    first = run(seed=5)
+    assert first == run(seed=5)  # a seed reproduces the batch
+    assert first != run(seed=6)
+    assert len({tuple(s) for s in first}) == 3  # three different samples of one prompt
+    assert all(len(s) == 12 for s in first)  # max_new_tokens
+
+
+def test_generation_stops_at_end_of_turn_or_bos(tokenizer):
+    for stop in ("<|assistant_end|>", "<|bos|>"):
+        answer = tokenizer.encode("Hi") + [tokenizer.special(stop)] + tokenizer.encode(" never seen")
+
+        def reply(seen, answer=answer):
+            written = seen[len(model.prompts[-1]):]
+            return answer[len(written)]
+
+        model = ScriptedModel(reply)
+        prompt = tokenizer.render_for_completion([{"role": "user", "content": "hello"}])
+        tokens = [s[0][0] for s in engine.generate(model, tokenizer, prompt, max_new_tokens=50)]
+        assert tokens == answer[:3]
+
+
+# -----------------------------------------------------------------------------------------------------
+# streaming text, tool calls in text, context
+
+
+def test_text_decoder_keeps_split_characters_whole(tokenizer):
+    decoder = engine.TextDecoder(tokenizer)
+    pieces = [decoder.piece(t) for t in tokenizer.encode("naïve 😀!")]  # byte-level: one token per byte
+    assert "".join(pieces) == "naïve 😀!"
+    assert "😀" in pieces and "\ufffd" not in "".join(pieces)
+    assert decoder.piece(tokenizer.special("<|python_start|>")) == "<|python_start|>"
+    assert decoder.piece(tokenizer.special("<|assistant_end|>")) == ""
+    assert decoder.piece(400) == ""  # an id past the tokenizer (padded vocabulary)
+
+
+def test_reply_text_round_trips_to_the_same_tokens(tokenizer):
+    # a generated reply, streamed as text and sent back as a message, renders to exactly the tokens generated
+    model = ScriptedModel(calculator_script(tokenizer, "3 + 4"))
+    messages = [{"role": "user", "content": "3 + 4?"}]
+    prompt = tokenizer.render_for_completion(messages)
+    steps = list(engine.generate_text(model, tokenizer, prompt, max_new_tokens=100))
+    tokens, text = [s[0][0] for s in steps], "".join(s[1][0] for s in steps)
+    assert text == "<|python_start|>3 + 4<|python_end|><|output_start|>7<|output_end|>The answer is 7"
+    parts = engine.reply_parts(text)
+    assert [p["type"] for p in parts] == ["python", "python_output", "text"]
+    ids, mask = tokenizer.render_conversation(messages + [{"role": "assistant", "content": parts}])
+    assert ids == prompt + tokens
+    assert engine.reply_parts("no tools here") == "no tools here"
+
+
+def test_fit_conversation_leaves_out_the_oldest_turns(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "a" * 40}, {"role": "assistant", "content": "b" * 40},
+                {"role": "user", "content": "c" * 10}]
+    prompt, dropped = engine.fit_conversation(tokenizer, messages, 200)
+    assert dropped == 0 and prompt == tokenizer.render_for_completion(messages)
+    prompt, dropped = engine.fit_conversation(tokenizer, messages, 40)
+    assert dropped == 2 and prompt == tokenizer.render_for_completion([messages[0], messages[3]])
+    with pytest.raises(ValueError, match="too long"):
+        engine.fit_conversation(tokenizer, messages, 10)

@@ -227,7 +227,7 @@ def check_conversation(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             offset = len(messages) - len(turns)
-            raise ValueError(f"message {i + offset}: expected a {expected} turn, got {message['role']!r} "
+            raise ValueError(f"message {i + offset}: expected {'an' if expected == 'assistant' else 'a'} {expected} turn, got {message['role']!r} "
                              "(turns must alternate user/assistant after an optional system message)")
 
 

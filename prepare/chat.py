@@ -129,6 +129,8 @@ def to_messages(record):
         return from_conversations(record["conversations"])
     if "instruction" in record and "output" in record:
         return from_alpaca(record)
+    if "instruction" in record and isinstance(record.get("instances"), list) and record["instances"]:
+        return from_alpaca({**record["instances"][0], "instruction": record["instruction"]})  # Alpaca's seed tasks
     if "instruction" in record and "response" in record:
         return from_dolly(record)
     if isinstance(record.get("text"), str) and "<|im_start|>" in record["text"]:

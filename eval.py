@@ -1,0 +1,799 @@
+"""
+Evaluate a checkpoint on the benchmarks people quote, scored the way lm-evaluation-harness scores them.
+
+    python eval.py --ckpt=out/best.pt --tasks=arc_easy,hellaswag,bpb --split=val --limit=100
+    python eval.py --ckpt out/best.pt --tasks openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,bpb --split test
+    python eval.py --ckpt=out/sft/best.pt --tasks=mmlu,arc_easy,gsm8k     # a chat model (read from the checkpoint)
+
+Task records are the normalized files of prepare/tasks.py (data/tasks/<task>/<split>.jsonl), or are read straight
+from a folder laid out like ../shared/data with --source=../shared/data.
+
+Base models (checkpoint data_format "text"): multiple choice by log-likelihood, exactly as lm-evaluation-harness
+(its "multiple_choice" output type). Each choice is scored as the continuation " " + choice after the prompt:
+    acc       the choice with the highest summed log-probability of its tokens
+    acc_norm  the choice with the highest summed log-probability divided by the choice's length in characters
+Prompts (lm-evaluation-harness's templates; few-shot examples are "prompt choice" joined by blank lines):
+    openbookqa     <question stem>                                      -> " <choice>"
+    arc_easy/_challenge  "Question: <question>\nAnswer:"                -> " <choice>"
+    hellaswag      "<activity label>: <ctx_a> <Ctx_b>" with its [title]/[step] clean-up (prepare/tasks.py)
+                                                                        -> " <ending>"
+    mmlu           "The following are multiple choice questions (with answers) about <subject>.\n\n"
+                   "<question>\nA. <a>\nB. <b>\nC. <c>\nD. <d>\nAnswer:"    -> " A" / " B" / " C" / " D"
+    gsm8k          5-shot "Question: <question>\nAnswer: <solution>" blocks, then "Question: <question>\nAnswer:";
+                   greedy generation stopped at "Question:"
+The prompt starts with <|bos|> (our models see it at the start of every document). As in lm-evaluation-harness,
+trailing spaces of the prompt move to the continuation, the continuation's tokens are those of prompt+choice
+after the prompt's tokens, too-long inputs are cut on the left, and few-shot examples are drawn with
+random.Random(1234) per task in item order (MMLU: the first k dev questions of the subject).
+
+Chat models (data_format "chat"): the question and lettered choices are a user turn; the model's answer is the
+letter token (A, B, C, ...) with the highest probability right after <|assistant_start|>. GSM8K: the question is
+the user turn, the assistant answers greedily with the calculator tool on (zero-shot).
+
+GSM8K answers: "strict" is the number after '####', "flexible" the last number in the answer; both ignore
+commas, '$' and a trailing '.' (lm-evaluation-harness's strict-match and flexible-extract filters).
+bpb: bits per byte on a prepared token source's val split, in non-overlapping windows of max_seq_len tokens.
+
+Every score comes with its standard error (lm-evaluation-harness's: sample std / sqrt(n)), a 95% interval
+(Wilson), the random baseline (1 / number of choices, averaged over items) and whether the score is above that
+baseline at 99% (one-sided exact test). Results go beside the checkpoint:
+    eval_<checkpoint>_step<N>_<mode>_<split>.json   everything, with each item's prediction
+    eval_history.jsonl              one line per evaluation
+    eval_report.md                  the report card: a row per evaluated checkpoint
+    eval_scores.png                 the scores over checkpoints
+"""
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------
+ckpt = ""  # checkpoint to evaluate; empty = out_dir/best.pt, or out_dir/ckpt.pt when there is no best.pt
+out_dir = "out"
+tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,bpb"  # comma-separated
+split = "test"  # test | val | train | dev; HellaSwag has no labelled test split and uses val (as lm-eval does)
+limit = 0  # only the first N items of each task (of each MMLU subject, like lm-eval's --limit); bpb: N windows; 0 = all
+num_fewshot = -1  # -1 = each task's default (0 for multiple choice, 5 for GSM8K); chat models are always zero-shot
+fewshot_seed = 1234  # lm-evaluation-harness's seed for drawing few-shot examples
+mode = "auto"  # 'auto' = from the checkpoint's data_format; 'base' (log-likelihood) or 'chat' (letters, conversation)
+task_dir = "data/tasks"  # normalized task files from prepare/tasks.py: <task_dir>/<task>/<split>.jsonl
+source = ""  # read tasks straight from a folder laid out like ../shared/data instead of task_dir
+data_dir = ""  # prepared token sources for bpb; empty = the data_dir the checkpoint was trained with
+bpb_data = ""  # the token source whose val split bpb is measured on; empty = the (first) source of the checkpoint
+batch_size = 16  # sequences per forward pass (multiple choice and bpb)
+max_new_tokens = 256  # GSM8K: most tokens generated per answer (lm-eval's max_gen_toks)
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"  # 'auto' = bfloat16 on CUDA, float32 elsewhere
+num_threads = 0  # CPU threads for torch; 0 = torch's default
+results_file = ""  # the JSON result; empty = <checkpoint folder>/eval_<checkpoint name>_step<N>_<mode>_<split>.json
+report = True  # add this evaluation to <checkpoint folder>/eval_report.md, eval_history.jsonl and eval_scores.png
+save_items = True  # keep each item's prediction in the JSON result
+# -----------------------------------------------------------------------------------------------------
+
+MC_TASKS = ["openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag"]
+ALL_TASKS = MC_TASKS + ["gsm8k", "bpb"]
+FEWSHOT_SPLIT = {"openbookqa": "train", "arc_easy": "train", "arc_challenge": "train", "hellaswag": "train",
+                 "mmlu": "dev", "gsm8k": "train"}  # where lm-eval draws each task's few-shot examples
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+Z_99_ONE_SIDED = 2.3263  # for bpb's test against the uniform baseline
+
+
+class EvalError(Exception):
+    """A user error: printed as 'error: ...' with exit code 1."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# prompts: lm-evaluation-harness's templates (doc_to_text, doc_to_choice, description)
+
+
+def prompt_text(task, record):
+    if task == "openbookqa":
+        return record["question"]
+    if task in ("arc_easy", "arc_challenge", "gsm8k"):
+        return f"Question: {record['question']}\nAnswer:"
+    if task == "hellaswag":
+        return record["question"]  # prepare/tasks.py already built the query and cleaned it
+    if task == "mmlu":
+        lettered = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", record["choices"]))
+        return f"{record['question'].strip()}{lettered}\nAnswer:"
+    raise ValueError(f"no prompt template for task {task!r}")
+
+
+def choice_texts(task, record):
+    """The continuations that are scored (each after a space): MMLU scores the letters, the others the choices."""
+    return list("ABCD") if task == "mmlu" else list(record["choices"])
+
+
+def description(task, record):
+    if task == "mmlu":
+        return f"The following are multiple choice questions (with answers) about {record['subject'].replace('_', ' ')}.\n\n"
+    return ""
+
+
+def target_text(task, record):
+    if task == "gsm8k":
+        return record["solution"]
+    return choice_texts(task, record)[record["answer"]]
+
+
+def fewshot_contexts(task, records, pool, k, seed, same_split):
+    """
+    The prompt of every record with k solved examples before it, drawn as lm-evaluation-harness draws them:
+    MMLU takes the first k dev questions of the same subject; the others sample k from the pool with one
+    random.Random(seed) per task, in record order, dropping the record itself when the pool is its own split.
+    """
+    rng = random.Random(seed)
+    contexts = []
+    for record in records:
+        examples = []
+        if k > 0:
+            if task == "mmlu":
+                examples = [r for r in pool if r.get("subject") == record.get("subject")][:k]
+            else:
+                drawn = rng.sample(pool, k + 1 if same_split else k)
+                examples = [r for r in drawn if r != record][:k]
+        shots = "".join(f"{prompt_text(task, r)} {target_text(task, r)}\n\n" for r in examples)
+        contexts.append(description(task, record) + shots + prompt_text(task, record))
+    return contexts
+
+
+def chat_question(record):
+    """A multiple-choice question as a user message for a chat model: the question, then lettered choices."""
+    lines = [record["question"].strip(), ""]
+    lines += [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(record["choices"])]
+    lines += ["", "Answer with the letter of the correct choice."]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------
+# scoring
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, every few seconds in a log)."""
+
+    def __init__(self, label, total):
+        self.label, self.total, self.done = label, total, 0
+        self.start = self.last_draw = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if self.done >= self.total or now - self.last_draw > (0.2 if self.tty else 10.0):
+            self.last_draw = now
+            width = 30
+            filled = int(width * self.done / max(1, self.total))
+            rate = self.done / max(1e-9, now - self.start)
+            line = f"{self.label:14s} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.1f}/s"
+            if self.tty:  # redraw in place, a newline when done
+                print("\r" + line, end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+
+def encode_pair(tokenizer, context, continuation):
+    """
+    (context ids, continuation ids) as lm-evaluation-harness makes them: trailing whitespace of the context
+    moves to the continuation; the continuation is whatever the whole string's tokens add after the context's.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer.encode(context, bos=True)
+    whole_ids = tokenizer.encode(context + continuation, bos=True)
+    return context_ids, whole_ids[len(context_ids):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, requests, batch_size, label="score"):
+    """
+    Summed log-probability of each continuation given its context: requests are (context ids, continuation ids).
+    Inputs are (context + continuation)[-(max_seq_len + 1):][:-1] as in lm-eval (cut on the left). Identical
+    inputs are run once (MMLU's four one-token letters share one forward pass); the rest go longest first,
+    batch_size to a forward pass, padded on the right (causal attention: padding never changes earlier logits).
+    """
+    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
+    max_len = model.args.max_seq_len
+    rows = {}  # input ids -> [(request index, targets)]
+    for i, (context, continuation) in enumerate(requests):
+        if not continuation:
+            raise ValueError(f"request {i}: empty continuation")
+        whole = (list(context) + list(continuation))[-(max_len + 1):]
+        n_targets = min(len(continuation), len(whole) - 1)
+        rows.setdefault(tuple(whole[:-1]), []).append((i, whole[-n_targets:]))
+    inputs = sorted(rows, key=len, reverse=True)
+    scores = [0.0] * len(requests)
+    progress = Progress(label, len(inputs))
+    for b in range(0, len(inputs), batch_size):
+        batch = inputs[b:b + batch_size]
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        for r, ids in enumerate(batch):
+            x[r, :len(ids)] = torch.tensor(ids)
+        logits, _ = model(x.to(device))  # (B, T, vocab)
+        for r, ids in enumerate(batch):
+            for i, targets in rows[ids]:
+                n = len(targets)
+                logprobs = F.log_softmax(logits[r, len(ids) - n:len(ids)].float(), dim=-1)  # (n, vocab)
+                target_ids = torch.tensor(targets, device=logprobs.device)
+                scores[i] = float(logprobs.gather(-1, target_ids[:, None]).sum())
+        progress.update(len(batch))
+    return scores
+
+
+def pick_answers(logprobs_per_choice, choices):
+    """lm-eval's acc and acc_norm predictions: argmax of the log-likelihoods, raw and per character of choice."""
+    lls = np.array(logprobs_per_choice)
+    lengths = np.array([float(len(c)) for c in choices])
+    return int(np.argmax(lls)), int(np.argmax(lls / lengths))
+
+
+@torch.no_grad()
+def letter_predictions(model, tokenizer, records, batch_size, label="letters"):
+    """Chat models: the letter (A, B, ...) with the highest logit right after <|assistant_start|>, per record."""
+    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
+    max_len = model.args.max_seq_len
+    letter_ids = []
+    for letter in LETTERS:
+        ids = tokenizer.encode(letter)
+        if len(ids) != 1:
+            raise EvalError(f"the tokenizer encodes the letter {letter!r} as {len(ids)} tokens; expected one")
+        letter_ids.append(ids[0])
+    prompts = []
+    for record in records:
+        ids = tokenizer.render_for_completion([{"role": "user", "content": chat_question(record)}])
+        prompts.append(ids[-max_len:])  # too long: keep the end (the choices and <|assistant_start|>)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    predictions = [None] * len(records)
+    progress = Progress(label, len(records))
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        x = torch.zeros(len(batch), len(prompts[batch[0]]), dtype=torch.long)
+        for r, i in enumerate(batch):
+            x[r, :len(prompts[i])] = torch.tensor(prompts[i])
+        logits, _ = model(x.to(device))
+        for r, i in enumerate(batch):
+            n_choices = len(records[i]["choices"])
+            last = logits[r, len(prompts[i]) - 1, letter_ids[:n_choices]]
+            predictions[i] = int(torch.argmax(last))
+        progress.update(len(batch))
+    return predictions
+
+
+# -----------------------------------------------------------------------------------------------------
+# GSM8K: generation and answer extraction (lm-evaluation-harness's filters and exact_match normalization)
+
+STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_ANSWER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def normalize_answer(text):
+    """lm-eval's regexes_to_ignore for GSM8K: commas, '$', everything up to '#### ', one trailing '.'."""
+    text = text.replace(",", "").replace("$", "")
+    text = re.sub(r"(?s).*#### ", "", text)
+    text = re.sub(r"\.$", "", text)
+    return text.strip().lower()
+
+
+def extract_answer_strict(text):
+    """The number after the first '####', normalized; None when there is none."""
+    match = STRICT_ANSWER.findall(text)
+    return normalize_answer(match[0].strip()) if match else None
+
+
+def extract_answer_flexible(text):
+    """The last number in the text, normalized; None when there is none."""
+    matches = FLEXIBLE_ANSWER.findall(text)
+    if not matches:
+        return None
+    last = [m for m in matches[-1] if m]
+    return normalize_answer(last[0].strip()) if last else None
+
+
+def render_reply(tokenizer, ids):
+    """A chat reply as text, with calculator calls written the way GSM8K writes them: <<expr=result>>."""
+    shown = {"<|python_start|>": "<<", "<|python_end|>": "=", "<|output_start|>": "", "<|output_end|>": ">>"}
+    pieces, run = [], []
+    for token in ids:
+        if tokenizer.is_special(token):
+            pieces.append(tokenizer.decode(run))
+            run = []
+            pieces.append(shown.get(tokenizer.decode([token]), ""))
+        else:
+            run.append(token)
+    pieces.append(tokenizer.decode(run))
+    return "".join(pieces)
+
+
+def generate_base_answer(model, tokenizer, context, max_new_tokens, stop="Question:"):
+    """Greedy continuation of a few-shot prompt, cut at the stop string (or <|bos|>, a new document)."""
+    import engine
+    budget = min(max_new_tokens, model.args.max_seq_len // 2)
+    prompt = tokenizer.encode(context, bos=True)[-(model.args.max_seq_len - budget):]  # cut on the left, as lm-eval
+    ids = []
+    for tokens, _ in engine.generate(model, tokenizer, prompt, budget, temperature=0.0, tools=False,
+                                     stop_tokens=[tokenizer.bos_id]):
+        if tokens[0] == tokenizer.bos_id:
+            break
+        ids.append(tokens[0])
+        if stop in tokenizer.decode(ids):
+            break
+    return tokenizer.decode(ids).split(stop)[0]
+
+
+def generate_chat_answer(model, tokenizer, question, max_new_tokens):
+    """The chat model's greedy reply to the question, calculator on."""
+    import engine
+    _, ids = engine.generate_reply(model, tokenizer, [{"role": "user", "content": question}],
+                                   max_new_tokens=max_new_tokens, temperature=0.0, tools=True)
+    return render_reply(tokenizer, ids)
+
+
+# -----------------------------------------------------------------------------------------------------
+# statistics
+
+
+def wilson_interval(k, n, z=1.959964):
+    if n == 0:
+        return [None, None]
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def chance_tail(k, chances):
+    """P(at least k right) for a guesser right on item i with probability chances[i] (Poisson binomial)."""
+    distribution = np.ones(1)
+    for p in chances:
+        distribution = np.concatenate([distribution * (1 - p), [0.0]]) + np.concatenate([[0.0], distribution * p])
+    return float(min(1.0, distribution[k:].sum()))
+
+
+def proportion_score(correct, chances):
+    """A 0/1 score: mean, lm-eval's stderr, Wilson 95% interval, random baseline and a one-sided 99% test."""
+    n, k = len(correct), int(sum(correct))
+    value = k / n if n else None
+    stderr = math.sqrt(value * (1 - value) / (n - 1)) if n > 1 else None
+    baseline = float(np.mean(chances)) if n else None
+    p_value = chance_tail(k, chances) if n else None
+    return {"value": value, "stderr": stderr, "ci95": wilson_interval(k, n), "n": n, "correct": k,
+            "random_baseline": baseline, "p_value": p_value,
+            "above_baseline_99": bool(p_value is not None and p_value < 0.01)}
+
+
+# -----------------------------------------------------------------------------------------------------
+# tasks
+
+
+def load_records(task, task_split, task_dir, source):
+    """Normalized records of a task split, or None when that split is not there."""
+    from prepare.tasks import load_task, read_task_file
+    if source:
+        try:
+            return load_task(task, task_split, source)
+        except (ValueError, KeyError) as e:
+            raise EvalError(f"{task} {task_split} in {source}: {e}") from None
+    path = os.path.join(task_dir, task, f"{task_split}.jsonl")
+    if not os.path.exists(path):
+        return None
+    try:
+        return read_task_file(path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+
+
+def check_records(task, records, where):
+    for number, r in enumerate(records, 1):
+        if task == "gsm8k":
+            ok = isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+            expected = '{"question": str, "answer": "<number>", "solution": str}'
+        else:
+            ok = (isinstance(r.get("question"), str) and isinstance(r.get("choices"), list) and len(r["choices"]) >= 2
+                  and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"])
+                  and (task != "mmlu" or (len(r["choices"]) == 4 and "subject" in r)))
+            expected = '{"question": str, "choices": [str, ...], "answer": <index of the right choice>}'
+        if not ok:
+            raise EvalError(f"{where}: record {number} (id {r.get('id', '?')}): expected {expected}")
+
+
+def first_items(task, records, limit):
+    """The first limit records; for MMLU the first limit of each subject (lm-eval's --limit is per subtask)."""
+    if not limit:
+        return records
+    if task != "mmlu":
+        return records[:limit]
+    kept, seen = [], {}
+    for r in records:
+        seen[r["subject"]] = seen.get(r["subject"], 0) + 1
+        if seen[r["subject"]] <= limit:
+            kept.append(r)
+    return kept
+
+
+def evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size):
+    """Base model: acc and acc_norm by log-likelihood of each choice after its context."""
+    requests, owners = [], []
+    for i, (record, context) in enumerate(zip(records, contexts)):
+        for choice in choice_texts(task, record):
+            requests.append(encode_pair(tokenizer, context, " " + choice))
+            owners.append(i)
+    scores = continuation_logprobs(model, requests, batch_size, label=task)
+    per_record = [[] for _ in records]
+    for i, score in zip(owners, scores):
+        per_record[i].append(score)
+    items, correct, correct_norm = [], [], []
+    for record, lls in zip(records, per_record):
+        pred, pred_norm = pick_answers(lls, choice_texts(task, record))
+        correct.append(int(pred == record["answer"]))
+        correct_norm.append(int(pred_norm == record["answer"]))
+        items.append({"id": record.get("id"), "answer": record["answer"], "pred": pred, "pred_norm": pred_norm,
+                      "loglikelihoods": [round(x, 4) for x in lls]})
+    chances = [1.0 / len(r["choices"]) for r in records]
+    metrics = {"acc": proportion_score(correct, chances), "acc_norm": proportion_score(correct_norm, chances)}
+    return metrics, items
+
+
+def evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size):
+    predictions = letter_predictions(model, tokenizer, records, batch_size, label=task)
+    correct = [int(p == r["answer"]) for p, r in zip(predictions, records)]
+    items = [{"id": r.get("id"), "answer": r["answer"], "pred": p} for r, p in zip(records, predictions)]
+    return {"acc": proportion_score(correct, [1.0 / len(r["choices"]) for r in records])}, items
+
+
+def evaluate_gsm8k(model, tokenizer, records, contexts, chat, max_new_tokens):
+    items, strict, flexible = [], [], []
+    progress = Progress("gsm8k", len(records))
+    for record, context in zip(records, contexts):
+        if chat:
+            completion = generate_chat_answer(model, tokenizer, record["question"], max_new_tokens)
+        else:
+            completion = generate_base_answer(model, tokenizer, context, max_new_tokens)
+        gold = normalize_answer(record["answer"])
+        answer_strict, answer_flexible = extract_answer_strict(completion), extract_answer_flexible(completion)
+        strict.append(int(answer_strict == gold))
+        flexible.append(int(answer_flexible == gold))
+        items.append({"id": record.get("id"), "answer": gold, "strict": answer_strict, "flexible": answer_flexible,
+                      "completion": completion})
+        progress.update()
+    no_chance = [0.0] * len(records)  # guessing never finds the number
+    return {"strict": proportion_score(strict, no_chance), "flexible": proportion_score(flexible, no_chance)}, items
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokens, n_tokens_split, n_bytes_split, vocab_size, batch_size, limit=0):
+    """
+    Bits per byte of a token array: non-overlapping windows of max_seq_len predicted tokens, nats per token
+    -> bits per token -> x tokens per byte of the split (meta.json's counts, as train.py's estimate_loss).
+    """
+    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
+    block = model.args.max_seq_len
+    starts = list(range(0, len(tokens) - 1, block))
+    if limit:
+        starts = starts[:limit]
+    if not starts:
+        raise EvalError(f"bpb: the val split has {len(tokens)} tokens; it needs at least 2")
+    window_nats, window_counts = [], []
+    progress = Progress("bpb", len(starts))
+    # the last window may be shorter: windows of equal length go together
+    groups = {}
+    for s in starts:
+        groups.setdefault(min(block, len(tokens) - 1 - s), []).append(s)
+    for length, group in groups.items():
+        for b in range(0, len(group), batch_size):
+            batch = group[b:b + batch_size]
+            window = torch.from_numpy(np.stack([np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in batch]))
+            _, loss = model(window[:, :-1].to(device), window[:, 1:].to(device), loss_reduction="none")  # (B, T)
+            window_nats += loss.float().sum(dim=1).tolist()
+            window_counts += [length] * len(batch)
+            progress.update(len(batch))
+    tokens_per_byte = n_tokens_split / max(1, n_bytes_split)
+    to_bpb = tokens_per_byte / math.log(2)
+    nats_per_token = sum(window_nats) / sum(window_counts)
+    value = nats_per_token * to_bpb
+    per_window = np.array(window_nats) / np.array(window_counts) * to_bpb
+    stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else None
+    baseline = math.log2(vocab_size) * tokens_per_byte  # a model that gives every token the same probability
+    above = None if not stderr else bool((baseline - value) / stderr > Z_99_ONE_SIDED)
+    return {"bpb": {"value": value, "stderr": stderr,
+                    "ci95": [value - 1.96 * stderr, value + 1.96 * stderr] if stderr else [None, None],
+                    "n": len(per_window), "tokens": int(sum(window_counts)), "random_baseline": baseline,
+                    "above_baseline_99": above, "lower_is_better": True}}
+
+
+# -----------------------------------------------------------------------------------------------------
+# the report card beside the checkpoint
+
+
+def headline_metrics(task, task_mode):
+    """The numbers the report card's table shows per task (the ones usually quoted)."""
+    if task == "gsm8k":
+        return ["strict", "flexible"]
+    if task == "bpb":
+        return ["bpb"]
+    if task_mode == "chat" or task == "mmlu":
+        return ["acc"]
+    return ["acc_norm"]
+
+
+def summary(result):
+    """One line of eval_history.jsonl: the evaluation without its per-item details."""
+    scores = {}
+    for task, task_result in result["tasks"].items():
+        if "metrics" not in task_result:
+            continue
+        for metric in headline_metrics(task, result["mode"]):
+            m = task_result["metrics"][metric]
+            scores[task if metric == task else f"{task} {metric}"] = {k: m[k] for k in ("value", "stderr", "random_baseline", "above_baseline_99")}
+    return {k: result[k] for k in ("checkpoint", "step", "tokens_seen", "mode", "split", "limit", "num_fewshot",
+                                   "time", "results_file")} | {"scores": scores}
+
+
+def format_value(metric, x):
+    """bpb in bits per byte, everything else in %."""
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if metric.endswith("bpb") else f"{100 * x:.1f}"
+
+
+def format_score(metric, score):
+    text = format_value(metric, score["value"])
+    if score.get("stderr") is not None:
+        text += f" ± {format_value(metric, score['stderr'])}"
+    if score.get("above_baseline_99") is False:
+        text += " ~"  # not distinguishable from guessing at 99%
+    return text
+
+
+def write_report(folder, history):
+    """eval_report.md (a row per evaluation) and eval_scores.png, rebuilt from eval_history.jsonl."""
+    columns = sorted({key for row in history for key in row["scores"]},
+                     key=lambda key: (ALL_TASKS.index(key.split()[0]) if key.split()[0] in ALL_TASKS else 99, key))
+    lines = [f"# Evaluation report: {folder}", "",
+             "Scores in % (bpb in bits per byte) ± standard error; ~ marks a score not above the random baseline "
+             "at 99%. Written by eval.py; one row per evaluated checkpoint.", "",
+             "| checkpoint | step | mode | split | limit | " + " | ".join(columns) + " |",
+             "| --- | ---: | --- | --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    for row in history:
+        cells = [os.path.basename(row["checkpoint"]), str(row["step"]), row["mode"], row["split"],
+                 str(row["limit"] or "all")]
+        cells += [format_score(c, row["scores"][c]) if c in row["scores"] else "" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    baselines = {c: row["scores"][c]["random_baseline"] for row in history for c in row["scores"]}
+    lines += ["", "Random baselines: " + ", ".join(
+        f"{c} {b:.3f}" if "bpb" in c else f"{c} {b * 100:.1f}%" for c, b in baselines.items() if b is not None), "",
+        "![scores over checkpoints](eval_scores.png)", "",
+        "Each evaluation's full result (every metric, 95% intervals, each item's prediction) is in the JSON file "
+        "named in eval_history.jsonl.", ""]
+    with open(os.path.join(folder, "eval_report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    plot_scores(history, os.path.join(folder, "eval_scores.png"))
+
+
+def plot_scores(history, path):
+    """Each headline score over checkpoint steps, one line per score (and per mode and split when they vary)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    kinds = sorted({(row["mode"], row["split"]) for row in history})
+    series = {}  # label -> [(step, score)]
+    for i, row in enumerate(history):
+        step = row["step"] if row["step"] is not None else i
+        for key, score in row["scores"].items():
+            if score["value"] is not None:
+                label = key + (f" ({row['mode']}, {row['split']})" if len(kinds) > 1 else "")
+                series.setdefault(label, []).append((step, score))
+    groups = [g for g in ([k for k in series if not k.startswith("bpb")], [k for k in series if k.startswith("bpb")]) if g]
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        scale = 1.0 if group[0].startswith("bpb") else 100.0
+        for n, label in enumerate(group):
+            points = sorted(series[label], key=lambda p: p[0])
+            color = f"C{n % 10}"
+            ax.plot([s for s, _ in points], [p["value"] * scale for _, p in points], "o-", color=color, label=label)
+            baseline = points[-1][1].get("random_baseline")
+            if baseline is not None:
+                ax.axhline(baseline * scale, color=color, ls=":", lw=1)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel("bits per byte" if scale == 1.0 else "score (%)")
+        ax.set_title("dotted: random baseline")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------------
+
+
+def join_spaced_overrides(argv, keys):
+    """Accept '--key value' as well as the configurator's '--key=value' (the README's commands use both)."""
+    joined, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and arg[2:] in keys and i + 1 < len(argv):
+            joined.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(arg)
+            i += 1
+    return joined
+
+
+def pick_device(requested):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def run_bpb(model, tokenizer, checkpoint):
+    """bpb on the val split of bpb_data (default: the source the checkpoint was trained on)."""
+    from tokenizer import open_tokens, read_meta
+    config = checkpoint.get("config", {})
+    name = bpb_data or str(config.get("data", "")).split(",")[0].split(":")[0]
+    folder = os.path.join(data_dir or config.get("data_dir", "data"), name)
+    try:
+        meta = read_meta(folder)
+    except (FileNotFoundError, ValueError) as e:
+        return {"skipped": f"{e} (set --bpb_data and --data_dir)"}
+    if meta["format"] != "text":
+        return {"skipped": f"{folder} is chat data; bpb is measured on a text source (--bpb_data=NAME)"}
+    if meta["tokenizer_sha256"] != tokenizer.sha256:
+        raise EvalError(f"{folder}/meta.json: prepared with another tokenizer than the checkpoint's "
+                        "(tokenizer_sha256 differs); prepare it with the checkpoint's tokenizer")
+    counts = meta["splits"]["val"]
+    metrics = bits_per_byte(model, open_tokens(folder, "val", meta), counts["tokens"], counts["bytes"],
+                            tokenizer.vocab_size, batch_size, limit)
+    return {"data": folder, "split": "val", "metrics": metrics}
+
+
+def run_task(task, model, tokenizer, eval_mode):
+    """One benchmark: its records, few-shot prompts (base models), scores and each item's prediction."""
+    task_split = "val" if (task == "hellaswag" and split == "test") else split
+    records = load_records(task, task_split, task_dir, source)
+    if not records:
+        hint = "this copy does not have it" if source else f"run python prepare/tasks.py --tasks={task}"
+        return {"skipped": f"no {task_split} split of {task} in {source or task_dir} ({hint})"}
+    check_records(task, records, os.path.join(source or task_dir, task, task_split))
+    records = [r for r in records if task == "gsm8k" or r["answer"] >= 0]  # unlabelled HellaSwag rows
+    records = first_items(task, records, limit)
+    k = 0 if eval_mode == "chat" else (num_fewshot if num_fewshot >= 0 else (5 if task == "gsm8k" else 0))
+    contexts = None
+    if eval_mode == "base":
+        pool = []
+        if k > 0:
+            pool = load_records(task, FEWSHOT_SPLIT[task], task_dir, source)  # the whole split, whatever the limit
+            if not pool:
+                raise EvalError(f"{task}: {k}-shot needs its {FEWSHOT_SPLIT[task]} split for the examples, which is "
+                                f"not in {source or task_dir}; use --num_fewshot=0")
+        contexts = fewshot_contexts(task, records, pool, k, fewshot_seed, FEWSHOT_SPLIT[task] == task_split)
+    if task == "gsm8k":
+        metrics, items = evaluate_gsm8k(model, tokenizer, records, contexts, eval_mode == "chat", max_new_tokens)
+    elif eval_mode == "chat":
+        metrics, items = evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size)
+    else:
+        metrics, items = evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size)
+    result = {"split": task_split, "num_fewshot": k, "n": len(records), "metrics": metrics}
+    if save_items:
+        result["items"] = items
+    return result
+
+
+def main():
+    t_start = time.time()
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t not in ALL_TASKS]
+    if unknown or not task_list:
+        raise EvalError(f"tasks={tasks!r}: unknown {unknown}; expected a comma-separated list of {', '.join(ALL_TASKS)}")
+    if split not in ("test", "val", "train", "dev"):
+        raise EvalError(f"split={split!r}: expected test, val, train or dev")
+    if mode not in ("auto", "base", "chat"):
+        raise EvalError(f"mode={mode!r}: expected auto, base or chat")
+    if limit < 0 or batch_size < 1:
+        raise EvalError("limit must be >= 0 and batch_size >= 1")
+
+    from model import load_checkpoint
+    ckpt_path = ckpt
+    if not ckpt_path:
+        best = os.path.join(out_dir, "best.pt")
+        ckpt_path = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+    run_device = pick_device(device)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        model, tokenizer, checkpoint = load_checkpoint(ckpt_path, run_device)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    run_dtype = dtype if dtype != "auto" else ("bfloat16" if run_device.startswith("cuda") else "float32")
+    if run_dtype not in ("float32", "bfloat16", "float16"):
+        raise EvalError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
+    autocast = nullcontext() if run_dtype == "float32" else \
+        torch.autocast(device_type=run_device.split(":")[0], dtype=getattr(torch, run_dtype))
+    eval_mode = mode if mode != "auto" else ("chat" if checkpoint.get("data_format") == "chat" else "base")
+    step = checkpoint.get("iter_num")
+    print(f"{ckpt_path}: step {step}, {eval_mode} model, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"max_seq_len {model.args.max_seq_len}, device {run_device} ({run_dtype})", file=sys.stderr)
+
+    results = {}
+    for task in task_list:
+        t0 = time.time()
+        with autocast:
+            if task == "bpb":
+                results[task] = run_bpb(model, tokenizer, checkpoint)
+            else:
+                results[task] = run_task(task, model, tokenizer, eval_mode)
+        if "skipped" in results[task]:
+            print(f"{task}: skipped: {results[task]['skipped']}", file=sys.stderr)
+        results[task]["seconds"] = round(time.time() - t0, 2)
+
+    ran = [t for t in task_list if "metrics" in results[t]]
+    if not ran:
+        raise EvalError("no task could run: " + "; ".join(f"{t}: {results[t]['skipped']}" for t in task_list))
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    name = os.path.splitext(os.path.basename(ckpt_path))[0]
+    result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
+    result = {"checkpoint": os.path.abspath(ckpt_path), "step": step, "tokens_seen": checkpoint.get("tokens_seen"),
+              "mode": eval_mode, "split": split, "limit": limit, "num_fewshot": num_fewshot,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t_start, 2),
+              "device": run_device, "results_file": os.path.abspath(result_path), "tasks": results}
+    os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
+    with open(result_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+
+    # the scores, as a table on stdout
+    print(f"\n{'task':14s} {'metric':9s} {'score':>8s} {'stderr':>7s} {'95% interval':>17s} {'random':>7s}  n")
+    for task in task_list:
+        if "metrics" not in results[task]:
+            print(f"{task:14s} skipped: {results[task]['skipped']}")
+            continue
+        for metric, m in results[task]["metrics"].items():
+            interval = f"[{format_value(metric, m['ci95'][0])}, {format_value(metric, m['ci95'][1])}]"
+            mark = "" if m["above_baseline_99"] else "  (not above random at 99%)"
+            print(f"{task:14s} {metric:9s} {format_value(metric, m['value']):>8s} {format_value(metric, m['stderr']):>7s} "
+                  f"{interval:>17s} {format_value(metric, m['random_baseline']):>7s}  {m['n']}{mark}")
+    print(f"\nresults: {result_path} ({time.time() - t_start:.1f}s)")
+
+    if report:
+        history_path = os.path.join(folder, "eval_history.jsonl")
+        history = []
+        if os.path.exists(history_path):
+            with open(history_path, encoding="utf-8") as f:
+                history = [json.loads(line) for line in f if line.strip()]
+        row = summary(result)
+        same = ("checkpoint", "step", "mode", "split", "limit", "num_fewshot")
+        # evaluating the same checkpoint the same way again replaces its row
+        history = [h for h in history if any(h.get(k) != row[k] for k in same)] + [row]
+        with open(history_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        write_report(folder, history)
+        print(f"report card: {os.path.join(folder, 'eval_report.md')} ({len(history)} rows), "
+              f"{os.path.join(folder, 'eval_scores.png')}")
+
+
+if __name__ == "__main__":
+    from configurator import ConfigError, config_keys, configure
+    try:
+        configure(globals(), argv=join_spaced_overrides(sys.argv[1:], set(config_keys(globals()))))
+        main()
+    except (EvalError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -371,6 +371,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise RequestError(503, "the server is busy: too many requests are waiting; try again shortly")
         except RequestError as e:
             self.send_error_json(e)
+            if e.status == 413:
+                self.discard_body()
             return
         try:
             with self.server.generation_lock:
@@ -393,13 +395,26 @@ class ChatHandler(BaseHTTPRequestHandler):
         except ValueError:
             raise RequestError(411, "a Content-Length header is required") from None
         if length > self.server.max_request_bytes:
-            self.close_connection = True
             raise RequestError(413, f"the request body is {length} bytes; the limit is "
                                f"{self.server.max_request_bytes}")
         try:
             return json.loads(self.rfile.read(length).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+    def discard_body(self, most_bytes=64 << 20):
+        """Read and drop a refused body, so that closing the socket does not reset the connection before the
+        client has read the error."""
+        left = min(int(self.headers.get("Content-Length", 0)), most_bytes)
+        self.connection.settimeout(5)
+        try:
+            while left > 0:
+                data = self.rfile.read(min(left, 1 << 16))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
 
     def answer(self, messages, settings):
         request_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -208,7 +208,10 @@ def generate_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0
 # text: streaming decoding, tool calls in reply text, conversations that fit the context
 
 TOOL_MARKUP = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-TOOL_CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?", re.S)
+# a tool call in reply text; one cut short (a reply stopped mid-call) runs to the end of the text
+TOOL_CALL = re.compile(r"<\|python_start\|>(.*?)(?:<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?|$)",
+                       re.S)
+STRAY_MARKUP = re.compile("|".join(re.escape(name) for name in TOOL_MARKUP))
 
 
 class TextDecoder:
@@ -249,16 +252,16 @@ def reply_parts(text):
     parts, position = [], 0
     for match in TOOL_CALL.finditer(text):
         if match.start() > position:
-            parts.append({"type": "text", "text": text[position:match.start()]})
+            parts.append({"type": "text", "text": STRAY_MARKUP.sub("", text[position:match.start()])})
         parts.append({"type": "python", "text": match.group(1)})
         if match.group(2) is not None:
             parts.append({"type": "python_output", "text": match.group(2)})
         position = match.end()
     if not parts:
-        return text
+        return STRAY_MARKUP.sub("", text)  # markup outside a tool call (an untrained model's) is not kept
     if position < len(text):
-        parts.append({"type": "text", "text": text[position:]})
-    return parts
+        parts.append({"type": "text", "text": STRAY_MARKUP.sub("", text[position:])})
+    return [p for p in parts if p["text"] or p["type"] != "text"]
 
 
 def fit_conversation(tokenizer, messages, max_prompt_tokens):

@@ -239,6 +239,8 @@ def detect_format(path):
         return "parquet"
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 16)
+    if not head.strip():
+        raise ValueError(f"{path}: no conversations in it (the file is empty)")
     if head.lstrip().startswith(("{", "[")):
         return "json"
     if "<|im_start|>" in head:
@@ -276,6 +278,8 @@ def read_conversations(path, fmt="auto", skip_bad=False, counts=None):
         try:
             messages = make()
             check_conversation(messages)
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("expected the conversation to end with an assistant turn (there is nothing to learn)")
         except (ValueError, KeyError, TypeError) as e:
             if skip_bad:
                 if counts is not None:

@@ -401,7 +401,7 @@ DOCUMENT_SEPARATORS = {
     "story": r"(?<!\n)\n(?!\n)",        # TinyStories without delimiters: a single newline ends a story
     # WikiText: an article starts at a ' = Title = ' line after a blank line (' = = Section = = ' lines and
     # the odd ' = ' inside an equation are not titles); 'wikitext_noblank' for copies with the blank lines dropped
-    "wikitext": r"\n[ \t]*\r?\n(?= = [^=\n][^\n]* = *\r?\n)",
+    "wikitext": r"\n[ \t]*\r?\n(?= = [^=\n][^\n]* = *\r?\n[ \t]*\r?\n)",
     "wikitext_noblank": r"\r?\n(?= = [^=\n][^\n]* = *\r?\n)",
     "file": None,                       # the whole file (or split) is one document
 }

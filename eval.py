@@ -453,7 +453,7 @@ def evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size):
 def evaluate_gsm8k(model, tokenizer, records, contexts, chat, max_new_tokens):
     items, strict, flexible = [], [], []
     progress = Progress("gsm8k", len(records))
-    for record, context in zip(records, contexts):
+    for record, context in zip(records, contexts or [None] * len(records)):
         if chat:
             completion = generate_chat_answer(model, tokenizer, record["question"], max_new_tokens)
         else:

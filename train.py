@@ -586,7 +586,7 @@ if wandb_log and master:
 start_iter = iter_num
 train_time, tokens_since_start = 0.0, 0
 eval_history = []  # (train loss, val loss) per evaluation, for the overfitting warning
-smoothed_ms_per_iter = None
+eval_seconds = 0.0  # the last evaluation's duration, for the ETA
 log(f"training from step {iter_num} to {max_iters}")
 while True:
     last_step = iter_num >= max_iters
@@ -604,6 +604,7 @@ while True:
         bpb_text = f", val bpb {losses['val_bpb']:.4f}" if "val_bpb" in losses else ""
         log(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             f"{bpb_text}{' (best)' if improved else ''} [{time.time() - t_eval:.1f}s]")
+        eval_seconds = time.time() - t_eval
         eval_history.append((losses["train_loss"], losses["val_loss"]))
         recent = eval_history[-(overfit_warning_evals + 1):]
         if overfit_warning_evals and len(recent) == overfit_warning_evals + 1 and \
@@ -676,11 +677,11 @@ while True:
 
     if iter_num % log_interval == 0 or iter_num == start_iter + 1:
         ms_per_iter = dt * 1000
-        smoothed_ms_per_iter = ms_per_iter if smoothed_ms_per_iter is None or iter_num <= start_iter + 2 \
-            else 0.9 * smoothed_ms_per_iter + 0.1 * ms_per_iter
         tokens_per_sec = step_tokens / dt
         mfu = flops_per_token_at_block * step_tokens / world_size / dt / peak_flops_per_device
-        eta_s = (max_iters - iter_num) * smoothed_ms_per_iter / 1000
+        # the mean step time of this run so far, plus the evaluations still to come
+        evals_left = (max_iters - 1) // eval_interval - (iter_num - 1) // eval_interval + 1  # + the final one
+        eta_s = (max_iters - iter_num) * train_time / (iter_num - start_iter) + evals_left * eval_seconds
         log(f"step {iter_num}/{max_iters}: loss {step_loss:.4f}, lr {lr:.2e}, {ms_per_iter:.0f} ms, "
             f"{tokens_per_sec:,.0f} tok/s, MFU {mfu:.1%}, ETA {eta_s / 60:.1f} min")
         if master:

@@ -300,6 +300,15 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+}
+#endif
+
 // Quantize x (n,) to int8 in groups: scale = max|x| / 127, q = round(x / scale).
 static void quantize(QVector *out, const float *x, int n, int group_size) {
     for (int g = 0; g < n / group_size; g++) {
@@ -312,40 +321,64 @@ static void quantize(QVector *out, const float *x, int n, int group_size) {
     }
 }
 
-// One row of an int8 matmul: sum over groups of (int8 dot product) * w_scale * x_scale.
+/*
+One row at a time: streaming through one row is what this memory system does fastest (interleaving four rows
+measured ~30% slower here). Two float accumulators keep two FMA chains in flight.
+*/
+static float dot_f32(const float *w, const float *x, int n) {
+    float val = 0.0f;
+    int j = 0;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
+    }
+    val = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+    }
+    val = hsum256(_mm256_add_ps(a0, a1));
+#endif
+    float rest = 0.0f;  // the tail, or everything without SIMD (vectorized by the compiler where it can)
+    #pragma omp simd reduction(+:rest)
+    for (int k = j; k < n; k++) rest += w[k] * x[k];
+    return val + rest;
+}
+
+/*
+Int8: per group, the int8 dot product (exact, in int32) times w_scale * x_scale. The dot-product instructions
+multiply unsigned by signed bytes, so they get |x| and w * sign(x). AVX-512 VNNI (vpdpbusd on 256-bit
+vectors) where the CPU has it, else AVX2 (vpmaddubsw + vpmaddwd), else plain C.
+*/
 static float dot_int8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group_size) {
     int n_groups = n / group_size;
 #if defined(__AVX2__)
     if (group_size % 32 == 0) {
-        // The dot-product instructions multiply unsigned by signed bytes: use |x| and w * sign(x).
         __m256 acc = _mm256_setzero_ps();
-#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
-        const __m256i ones = _mm256_set1_epi16(1);
-#endif
         for (int g = 0; g < n_groups; g++) {
             __m256i sum = _mm256_setzero_si256();
             for (int j = g * group_size; j < (g + 1) * group_size; j += 32) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j));
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
-                __m256i x_abs = _mm256_sign_epi8(xv, xv);
-                __m256i w_signed = _mm256_sign_epi8(wv, xv);
+                __m256i x_abs = _mm256_sign_epi8(xv, xv), w_signed = _mm256_sign_epi8(wv, xv);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
                 sum = _mm256_dpbusd_epi32(sum, x_abs, w_signed);
 #else
                 // pairs of products fit in int16: 2 * 127 * 127 < 32767
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, w_signed), ones));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, w_signed),
+                                                              _mm256_set1_epi16(1)));
 #endif
             }
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(ws[g] * xs[g]), acc);
         }
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-        return _mm_cvtss_f32(s4);
+        return hsum256(acc);
     }
 #endif
-    // portable fallback
-    float val = 0.0f;
+    float val = 0.0f;  // portable fallback
     for (int g = 0; g < n_groups; g++) {
         int32_t sum = 0;
         for (int j = g * group_size; j < (g + 1) * group_size; j++) sum += (int32_t)x[j] * (int32_t)w[j];
@@ -355,23 +388,13 @@ static float dot_int8(const int8_t *w, const float *ws, const int8_t *x, const f
 }
 
 // out (d,) = W (d, n) @ x (n,); int8 matrices read the already quantized xq instead of x.
-// This is where nearly all the time goes: every weight is read once per token.
+// This is the hot loop: every weight is read once per token, so the speed is that of reading memory.
 static void matmul(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size) {
     int i;
-    if (w.f) {
-        #pragma omp parallel for private(i)
-        for (i = 0; i < d; i++) {
-            const float *row = w.f + (size_t)i * n;
-            float val = 0.0f;
-            #pragma omp simd reduction(+:val)
-            for (int j = 0; j < n; j++) val += row[j] * x[j];
-            out[i] = val;
-        }
-    } else {
-        #pragma omp parallel for private(i)
-        for (i = 0; i < d; i++) {
-            out[i] = dot_int8(w.q + (size_t)i * n, w.s + (size_t)i * n / group_size, xq->q, xq->s, n, group_size);
-        }
+    #pragma omp parallel for private(i)
+    for (i = 0; i < d; i++) {
+        if (w.f) out[i] = dot_f32(w.f + (size_t)i * n, x, n);
+        else out[i] = dot_int8(w.q + (size_t)i * n, w.s + (size_t)i * n / group_size, xq->q, xq->s, n, group_size);
     }
 }
 

@@ -1,0 +1,123 @@
+"""
+Tokens per second of run.c at llama2.c's model shapes, float32 and int8, on 1 and 2 threads.
+
+    python bench/run_c.py                          # stories15M, 42M and 110M shapes
+    python bench/run_c.py --shapes 15M --threads 2 --steps 128
+
+Random weights (the speed does not depend on their values). Every run samples with -p 1.0, because top-p over
+the near-flat logits of a random model would measure the sampler rather than the model; one extra run per
+shape measures what top-p 0.9 costs. run.c is built like `make runomp` (-O3 -march=native -fopenmp).
+Run it alone (e.g. under the shared CPU lock): other work on the cores changes the figures.
+"""
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from export import choose_group_size, write_model, write_tokenizer  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {  # llama2.c's TinyStories models
+    "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256),
+    "42M": dict(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024),
+    "110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024),
+}
+# llama2.c's run.c / runq.c on this kind of machine, 2 threads, -p 1.0 (the issue's reference figures)
+LLAMA2C = {"fp32": {"15M": 712, "42M": 176, "110M": 64}, "int8": {"15M": 619, "42M": 226, "110M": 104}}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build(binary):
+    cmd = ["cc", "-O3", "-march=native", "-fopenmp", "-o", binary, os.path.join(REPO, "run.c"), "-lm"]
+    subprocess.run(cmd, check=True)
+
+
+def random_model(shape):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**shape, tie_embeddings=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    return model
+
+
+def tokens_per_second(binary, model_path, tokenizer_path, threads, steps, topp):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [binary, model_path, "-z", tokenizer_path, "-t", "1.0", "-p", str(topp), "-n", str(steps), "-s", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr}")
+    return float(re.search(r"achieved tok/s: ([0-9.]+)", result.stderr).group(1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="15M,42M,110M", help="comma-separated: 15M, 42M, 110M")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--steps", type=int, default=256, help="new tokens per run (-n)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported")
+    parser.add_argument("--dtypes", default="fp32,int8")
+    args = parser.parse_args()
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; -t 1.0 -p 1.0 -n {args.steps}, best of {args.repeats}")
+    tokenizer = Tokenizer.byte_level()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = os.path.join(tmp, "run")
+        build(binary)
+        tokenizer_path = os.path.join(tmp, "tokenizer.bin")
+        write_tokenizer(tokenizer, tokenizer_path)
+        for shape in shapes:
+            model = random_model(SHAPES[shape])
+            for dtype in dtypes:
+                path = os.path.join(tmp, f"{shape}_{dtype}.bin")
+                t0 = time.time()
+                group = choose_group_size(model.args, 64) if dtype == "int8" else 0
+                size, _ = write_model(model, tokenizer, path, 1 if dtype == "int8" else 0, group)
+                print(f"{shape} {dtype}: {size / 1e6:.0f} MB file, written in {time.time() - t0:.1f}s", flush=True)
+                for n_threads in threads:
+                    tps = max(tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 1.0)
+                              for _ in range(args.repeats))
+                    reference = LLAMA2C[dtype].get(shape) if n_threads == 2 else None
+                    rows.append((shape, dtype, n_threads, tps, reference))
+                    ref_text = f"   llama2.c {reference} tok/s: {tps / reference:.2f}x" if reference else ""
+                    print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}: {tps:8.1f} tok/s{ref_text}", flush=True)
+                n_threads = max(threads)
+                full = max(tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 1.0)
+                           for _ in range(args.repeats))
+                nucleus = max(tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 0.9)
+                              for _ in range(args.repeats))
+                print(f"  top-p 0.9 sampler cost ({n_threads} threads): {full:.1f} -> {nucleus:.1f} tok/s, "
+                      f"{100 * (1 - nucleus / full):.1f}% of a step", flush=True)
+                os.remove(path)
+            del model
+    print("\nshape  dtype  threads     tok/s   vs llama2.c")
+    for shape, dtype, n_threads, tps, reference in rows:
+        ratio = f"{tps / reference:.2f}x of {reference}" if reference else ""
+        print(f"{shape:>5}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {ratio}")
+
+
+if __name__ == "__main__":
+    main()

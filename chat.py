@@ -105,7 +105,9 @@ def reply_in_terminal(model, tokenizer, messages, sampling, write):
     try:
         for _, pieces in engine.generate_text(model, tokenizer, prompt_ids, **sampling):
             reply += pieces[0]
-            write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
+            for name, shown in TOOL_DISPLAY.items():
+                pieces[0] = pieces[0].replace(name, shown)
+            write(pieces[0])
     except KeyboardInterrupt:
         write(" [stopped]")
     write("\n")
@@ -322,6 +324,7 @@ def completion_events(model, tokenizer, messages, settings, tools_on):
 class ChatHandler(BaseHTTPRequestHandler):
     server_version = "nanollama"
     protocol_version = "HTTP/1.0"  # one request per connection; a stream ends when the connection closes
+    timeout = 60  # seconds a socket read or write may wait: a stalled client cannot hold the model forever
 
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -377,8 +380,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         try:
             with self.server.generation_lock:
                 self.answer(messages, settings)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; its generation has been stopped
+        except OSError:
+            pass  # the client went away or stalled; its generation has been stopped
         finally:
             self.server.slots.release()
 

@@ -19,7 +19,7 @@ import chat
 import engine
 from conftest import REPO, random_model, run_stage
 from model import load_checkpoint, save_checkpoint
-from test_engine import ScriptedModel, calculator_script
+from test_engine import ScriptedModel, calculator_script, text_script
 from tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.byte_level()
@@ -206,6 +206,19 @@ def test_concurrent_requests_do_not_mix(api):
     for t in threads:
         t.join(timeout=60)
     assert results == [e[0]["message"]["content"] for e in expected]
+
+
+def test_a_full_queue_answers_503():
+    model = ScriptedModel(text_script(TOKENIZER, "ok"), delay_s=0.2)
+    with serving(model, waiting_limit=0) as url:  # one request generates, none may wait
+        slow = threading.Thread(target=stream, args=(url + "/v1/chat/completions", HELLO))
+        slow.start()
+        while not model.prompts:  # the first request is generating
+            time.sleep(0.01)
+        status, body = request(url + "/v1/chat/completions", HELLO)
+        slow.join(timeout=30)
+        assert status == 503 and "busy" in body["error"]["message"] and body["error"]["type"] == "server_error"
+        assert request(url + "/v1/chat/completions", HELLO)[0] == 200  # its turn came
 
 
 def test_tool_calls_round_trip_through_the_api():

@@ -499,6 +499,9 @@ if __name__ == "__main__":
     if not ckpt:
         best = os.path.join(out_dir, "best.pt")
         ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+        if not os.path.exists(ckpt):
+            sys.exit(f"error: no checkpoint in {out_dir} (looked for best.pt and ckpt.pt); "
+                     "give one with --ckpt=PATH or --out_dir=DIR")
     device = pick_device(device)
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt, device)

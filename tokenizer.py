@@ -125,7 +125,20 @@ class Tokenizer:
         return [self.bos_id] + ids if bos else ids
 
     def encode_batch(self, texts, bos=False, num_threads=8):
-        batches = self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        """Many texts at once, on num_threads threads (tiktoken's Rust encoder runs without the GIL)."""
+        texts = list(texts)
+        encode = self.encoding.encode_ordinary
+        if num_threads <= 1 or len(texts) < 2:
+            batches = [encode(t) for t in texts]
+        else:
+            # one contiguous slice of texts per thread: far cheaper than one thread-pool task per text, which
+            # costs more than encoding a short document
+            from concurrent.futures import ThreadPoolExecutor
+            n = min(num_threads, len(texts))
+            bounds = [len(texts) * i // n for i in range(n + 1)]
+            with ThreadPoolExecutor(n) as pool:
+                parts = pool.map(lambda i: [encode(t) for t in texts[bounds[i]:bounds[i + 1]]], range(n))
+            batches = [ids for part in parts for ids in part]
         return [[self.bos_id] + ids for ids in batches] if bos else batches
 
     def decode(self, ids):

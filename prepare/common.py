@@ -28,7 +28,8 @@ class TokenWriter:
         self.mask_file = open(os.path.join(out_dir, f"{split}.mask.bin.tmp"), "wb") if with_mask else None
         self.counts = {"tokens": 0, "bytes": 0, "documents": 0}
 
-    def add(self, ids, n_bytes, mask=None):
+    def add(self, ids, n_bytes, mask=None, documents=1):
+        """Append tokens (one document, or several already joined: say how many) and count them."""
         array = np.asarray(ids, dtype=np.int64)
         if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
             raise ValueError(f"{self.path}: token id {int(array.max())} outside the vocabulary of {self.vocab_size}")
@@ -39,7 +40,7 @@ class TokenWriter:
             self.mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
         self.counts["tokens"] += int(array.size)
         self.counts["bytes"] += int(n_bytes)
-        self.counts["documents"] += 1
+        self.counts["documents"] += documents
 
     def close(self):
         """Finish the files; they only take their real names once complete."""
@@ -260,30 +261,38 @@ def _init_worker(tokenizer_json, tokenizer_name):
 
 
 def _encode_documents(pieces):
-    """Worker: [(text, starts_document)] -> [(ids, n_bytes)], <|bos|> first where a document starts."""
+    """
+    Worker: [(text, starts_document)] -> (all their tokens joined, as one int64 array, <|bos|> first where a
+    document starts; number of documents started; bytes). One array per batch: sending Python lists of ints
+    between processes would cost more than the encoding.
+    """
     ids = _worker_tokenizer.encode_batch([text for text, _ in pieces], num_threads=1)
-    bos = [_worker_tokenizer.bos_id]
-    return [((bos + x) if starts else x, len(text.encode("utf-8")), starts) for x, (text, starts) in zip(ids, pieces)]
+    bos = _worker_tokenizer.bos_id
+    joined = np.fromiter((t for x, (_, starts) in zip(ids, pieces) for t in ([bos] + x if starts else x)), dtype=np.int64)
+    return joined, sum(starts for _, starts in pieces), sum(len(text.encode("utf-8")) for text, _ in pieces)
 
 
 def _render_conversations(conversations):
-    """Worker: conversations -> [(ids, mask, n_bytes)]; n_bytes counts the text of every message."""
-    out = []
+    """Worker: conversations -> (tokens joined, loss mask joined, number of conversations, bytes of their text)."""
+    all_ids, all_mask, n_bytes = [], [], 0
     for messages in conversations:
         ids, mask = _worker_tokenizer.render_conversation(messages)
-        n_bytes = sum(len(part["text"].encode("utf-8")) if isinstance(part, dict) else len(part.encode("utf-8"))
-                      for m in messages for part in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
-        out.append((ids, mask, n_bytes))
-    return out
+        all_ids += ids
+        all_mask += mask
+        n_bytes += sum(len(part["text"].encode("utf-8")) if isinstance(part, dict) else len(part.encode("utf-8"))
+                       for m in messages for part in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
+    return np.array(all_ids, dtype=np.int64), np.array(all_mask, dtype=np.uint8), len(conversations), n_bytes
 
 
-def batched(items, batch_size):
-    batch = []
+def batched(items, batch_size, max_chars=1 << 20):
+    """Lists of at most batch_size items and (for text items) about max_chars characters."""
+    batch, chars = [], 0
     for item in items:
         batch.append(item)
-        if len(batch) == batch_size:
+        chars += len(item[0]) if isinstance(item, tuple) else 0
+        if len(batch) == batch_size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -340,7 +349,7 @@ class Progress:
             sys.stderr.flush()
 
 
-def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size=256, total_bytes=None):
+def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size=1024, total_bytes=None):
     """
     Tokenize {split: iterable of documents} into out_dir/<split>.bin (each document starts with <|bos|>),
     write meta.json and the tokenizer copy, print the counts. An empty split is an error.
@@ -351,12 +360,9 @@ def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size
     for split, documents in splits.items():
         writer = TokenWriter(out_dir, split, tokenizer.vocab_size)
         pieces = ((d, True) if isinstance(d, str) else d for d in documents)
-        for results in parallel_map(_encode_documents, batched(pieces, batch_size), tokenizer, num_proc):
-            for ids, n_bytes, starts_document in results:
-                writer.add(ids, n_bytes)
-                if not starts_document:  # the rest of a long document, not a new one
-                    writer.counts["documents"] -= 1
-                progress.update(n_bytes, writer.counts["tokens"])
+        for ids, n_documents, n_bytes in parallel_map(_encode_documents, batched(pieces, batch_size), tokenizer, num_proc):
+            writer.add(ids, n_bytes, documents=n_documents)
+            progress.update(n_bytes, writer.counts["tokens"])
         counts[split] = writer.close()
     progress.close()
     return finish_source(out_dir, tokenizer, counts, source, "text")
@@ -368,10 +374,10 @@ def write_chat_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size
     progress = Progress(f"rendering {source}")
     for split, conversations in splits.items():
         writer = TokenWriter(out_dir, split, tokenizer.vocab_size, with_mask=True)
-        for results in parallel_map(_render_conversations, batched(conversations, batch_size), tokenizer, num_proc):
-            for ids, mask, n_bytes in results:
-                writer.add(ids, n_bytes, mask)
-                progress.update(n_bytes, writer.counts["tokens"])
+        for ids, mask, n_conversations, n_bytes in parallel_map(_render_conversations, batched(conversations, batch_size),
+                                                                tokenizer, num_proc):
+            writer.add(ids, n_bytes, mask, documents=n_conversations)
+            progress.update(n_bytes, writer.counts["tokens"])
         counts[split] = writer.close()
     progress.close()
     return finish_source(out_dir, tokenizer, counts, source, "chat")
@@ -405,7 +411,7 @@ DOCUMENT_SEPARATORS = {
     "wikitext_noblank": r"\r?\n(?= = [^=\n][^\n]* = *\r?\n)",
     "file": None,                       # the whole file (or split) is one document
 }
-MAX_PIECE_CHARS = 8 << 20  # a document longer than this is tokenized in pieces (cut at a line break)
+MAX_PIECE_CHARS = 1 << 20  # a document longer than this is tokenized in pieces (cut at a line break)
 
 
 def separator_regex(separator):

@@ -26,8 +26,8 @@ trailing spaces of the prompt move to the continuation, the continuation's token
 after the prompt's tokens, too-long inputs are cut on the left, and few-shot examples are drawn with
 random.Random(1234) per task in item order (MMLU: the first k dev questions of the subject).
 
-Chat models (data_format "chat"): the question and lettered choices are a user turn; the model's answer is the
-letter token (A, B, C, ...) with the highest probability right after <|assistant_start|>. GSM8K: the question is
+Chat models (data_format "chat"): the question and lettered choices are a user turn (rendered by prepare/chat.py,
+as in the midtraining/SFT data); the model's answer is the letter token (A, B, C, ...) with the highest probability right after <|assistant_start|>. GSM8K: the question is
 the user turn, the assistant answers greedily with the calculator tool on (zero-shot).
 
 GSM8K answers: "strict" is the number after '####', "flexible" the last number in the answer; both ignore
@@ -147,11 +147,12 @@ def fewshot_contexts(task, records, pool, k, seed, same_split):
 
 
 def chat_question(record):
-    """A multiple-choice question as a user message for a chat model: the question, then lettered choices."""
-    lines = [record["question"].strip(), ""]
-    lines += [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(record["choices"])]
-    lines += ["", "Answer with the letter of the correct choice."]
-    return "\n".join(lines)
+    """
+    A multiple-choice question as a chat model's user turn: the question, its lettered choices and "Answer with
+    the letter of the correct choice." -- rendered by prepare/chat.py, which renders the training data the same way.
+    """
+    from prepare.chat import multiple_choice_messages
+    return multiple_choice_messages(record)[0]["content"]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -673,8 +674,8 @@ def run_task(task, model, tokenizer, eval_mode):
     if not records:
         hint = "this copy does not have it" if source else f"run python prepare/tasks.py --tasks={task}"
         return {"skipped": f"no {task_split} split of {task} in {source or task_dir} ({hint})"}
+    records = [r for r in records if task == "gsm8k" or r.get("answer") != -1]  # HellaSwag's unlabelled rows
     check_records(task, records, os.path.join(source or task_dir, task, task_split))
-    records = [r for r in records if task == "gsm8k" or r["answer"] >= 0]  # unlabelled HellaSwag rows
     records = first_items(task, records, limit)
     k = 0 if eval_mode == "chat" else (num_fewshot if num_fewshot >= 0 else (5 if task == "gsm8k" else 0))
     contexts = None

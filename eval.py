@@ -711,6 +711,8 @@ def main():
         raise EvalError(f"mode={mode!r}: expected auto, base or chat")
     if limit < 0 or batch_size < 1:
         raise EvalError("limit must be >= 0 and batch_size >= 1")
+    if source and not os.path.isdir(source):
+        raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
 
     from model import load_checkpoint
     ckpt_path = ckpt

@@ -858,7 +858,7 @@ static void print_token(const Tokenizer *t, int id) {
 }
 
 static void print_logits(const float *logits, int n) {
-    printf("logits:");
+    printf("\nlogits:");  // on a line of its own, after the prompt text
     for (int i = 0; i < n; i++) printf(" %.9g", logits[i]);
     printf("\n");
 }
@@ -928,7 +928,7 @@ ones from stdin; the conversation continues in the KV cache until end of input o
 Tool calls are shown as [calculator: ...] but not run: run.c has no calculator.
 */
 static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *first_message,
-                 const char *system_prompt, int steps) {
+                 const char *system_prompt, int steps, int show_tokens) {
     const char *names[] = {"<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                            "<|system_start|>", "<|system_end|>"};
     int ids[6];
@@ -938,7 +938,8 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
     }
     int user_start = ids[0], user_end = ids[1], assistant_start = ids[2], assistant_end = ids[3];
     int seq_len = tr->config.seq_len, pos = 0, carry = -1;  // carry: the last sampled token, not yet fed
-    int *pending = xmalloc((size_t)seq_len * sizeof(int));
+    int *pending = xmalloc((size_t)seq_len * sizeof(int));  // tokens to feed before the answer
+    int *answer = xmalloc((size_t)seq_len * sizeof(int));   // the sampled tokens of the answer, for -v
     char line[8192];
     int n_timed = 0;
     double time_in_generation = 0.0;
@@ -973,17 +974,23 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
         for (int i = 0; i < n_pending; i++) logits = forward(tr, pending[i], pos++);
         printf("Assistant: ");
         double t0 = time_s();
-        int n_new = 0, next;
+        int n_new = 0, next, n_answer = 0;
         for (;;) {
             next = sample(sampler, logits);
             n_new++;
             if (next == assistant_end || next == tok->bos_id || pos >= seq_len || (steps > 0 && n_new > steps)) break;
+            answer[n_answer++] = next;
             print_token(tok, next);
             logits = forward(tr, next, pos++);
             n_timed++;
         }
         time_in_generation += time_s() - t0;
         printf("\n");
+        if (show_tokens) {
+            printf("tokens:");
+            for (int i = 0; i < n_answer; i++) printf(" %d", answer[i]);
+            printf("\n");
+        }
         if (next != assistant_end) {
             if (pos >= seq_len) { fprintf(stderr, "(the context of %d tokens is full)\n", seq_len); break; }
             next = assistant_end;  // cut off by -n or ended by <|bos|>: close the turn as the format wants
@@ -992,6 +999,7 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
     }
     if (n_timed > 0 && time_in_generation > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / time_in_generation);
     free(pending);
+    free(answer);
 }
 
 // mean negative log-likelihood of the text, in windows of seq_len tokens that each start with <|bos|>
@@ -1019,6 +1027,23 @@ static void perplexity(Transformer *tr, Tokenizer *tok, const char *text) {
     free(ids);
 }
 
+// print the ids of each line of the text (a line keeps its newline), one line of ids per line: for tests
+static void encode_lines(Tokenizer *tok, const char *text) {
+    const char *line = text;
+    while (*line) {
+        const char *newline = strchr(line, '\n');
+        size_t length = newline ? (size_t)(newline - line) + 1 : strlen(line);
+        char *copy = xmalloc(length + 1);
+        memcpy(copy, line, length);
+        int *ids, n = encode(tok, copy, &ids);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
+        free(copy);
+        line += length;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // the command line
 
@@ -1034,7 +1059,7 @@ static void usage(void) {
             "  -n <int>    new tokens to generate, default 256 (capped by the context); chat: per answer, 0 = no cap\n"
             "  -i <string> prompt (chat: the first user message)\n"
             "  -f <string> read the prompt from this file\n"
-            "  -m <string> mode: generate | chat | perplexity, default generate\n"
+            "  -m <string> mode: generate | chat | perplexity | encode (token ids of each line), default generate\n"
             "  -y <string> system prompt in chat mode\n"
             "  -v <int>    1: print the generated token ids at the end, default 0\n"
             "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n");
@@ -1098,8 +1123,8 @@ int main(int argc, char *argv[]) {
     if (temperature < 0.0f) fail("-t must be >= 0, got %g", temperature);
     if (topp < 0.0f || topp > 1.0f) fail("-p must be in [0, 1], got %g", topp);
     if (steps < 0 || steps > (1 << 24)) fail("-n must be in [0, 2^24], got %ld", steps);
-    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity"))
-        fail("unknown mode -m %s; expected generate, chat or perplexity", mode);
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity") && strcmp(mode, "encode"))
+        fail("unknown mode -m %s; expected generate, chat, perplexity or encode", mode);
     char *file_text = prompt_file ? read_text_file(prompt_file) : NULL;
     if (file_text) prompt = file_text;
 
@@ -1122,8 +1147,10 @@ int main(int argc, char *argv[]) {
 
     if (!strcmp(mode, "generate")) generate(&transformer, &tokenizer, &sampler, prompt ? prompt : "", (int)steps,
                                             (int)print_first_logits, (int)show_tokens);
-    else if (!strcmp(mode, "chat")) chat(&transformer, &tokenizer, &sampler, prompt, system_prompt, (int)steps);
-    else perplexity(&transformer, &tokenizer, prompt ? prompt : "");
+    else if (!strcmp(mode, "chat"))
+        chat(&transformer, &tokenizer, &sampler, prompt, system_prompt, (int)steps, (int)show_tokens);
+    else if (!strcmp(mode, "perplexity")) perplexity(&transformer, &tokenizer, prompt ? prompt : "");
+    else encode_lines(&tokenizer, prompt ? prompt : "");
 
     free(sampler.candidates);
     free_tokenizer(&tokenizer);

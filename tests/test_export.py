@@ -1,0 +1,324 @@
+"""
+export.py and run.c: the C program reproduces the PyTorch model (greedy tokens, logits, prompt encoding, chat
+format), int8 stays close to fp32, and broken files are refused cleanly (checked under AddressSanitizer).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY_TRAIN, random_model, run_stage, shared_file
+from model import load_checkpoint, save_checkpoint
+
+CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+HEADER_BYTES = 256
+
+
+def compile_run(out, *flags):
+    if CC is None:
+        pytest.skip("no C compiler (cc, gcc or clang) on PATH: the C inference tests need one")
+    result = subprocess.run([CC, *flags, "-o", str(out), str(REPO / "run.c"), "-lm"], capture_output=True, text=True)
+    assert result.returncode == 0, f"compiling run.c failed:\n{result.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_binary(tmp_path_factory):
+    """run.c built like `make runfast` (the SIMD kernels of this CPU), single-threaded."""
+    return compile_run(tmp_path_factory.mktemp("bin") / "run", "-O2", "-march=native", "-fopenmp-simd")
+
+
+@pytest.fixture(scope="module")
+def debug_binary(tmp_path_factory):
+    """run.c built like `make debug`: AddressSanitizer and UBSan, any report aborts."""
+    return compile_run(tmp_path_factory.mktemp("bin") / "rundebug", "-g", "-O1", "-fsanitize=address,undefined",
+                       "-fno-omit-frame-pointer", "-fno-sanitize-recover=all")
+
+
+def run_c(binary, *args, check=True, stdin=subprocess.DEVNULL):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASAN_OPTIONS": "detect_leaks=0"}
+    result = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, errors="replace",
+                            stdin=stdin, env=env, timeout=60)
+    if check:
+        assert result.returncode == 0, f"{binary} {args} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+def tokens_line(stdout):
+    return [int(t) for t in re.findall(r"^tokens:(.*)$", stdout, re.M)[-1].split()]
+
+
+def export(ckpt, out, *args):
+    run_stage("export.py", f"--ckpt={ckpt}", f"--out={out}", *args)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A tiny model trained on tiny shakespeare (separate output head), exported as fp32 and int8."""
+    root = tmp_path_factory.mktemp("export")
+    run_stage("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={root}", "--max_iters=60",
+              "--eval_interval=60", "--learning_rate=3e-3", "--tie_embeddings=False", "--block_size=128",
+              "--max_seq_len=256")
+    ckpt = root / "ckpt.pt"
+    export(ckpt, root / "model.bin", f"--tokenizer_out={root / 'tokenizer.bin'}")
+    export(ckpt, root / "model_q8.bin", "--tokenizer_out=", "--quantize=int8", "--group_size=32")
+    return {"ckpt": ckpt, "fp32": root / "model.bin", "int8": root / "model_q8.bin", "tok": root / "tokenizer.bin",
+            "root": root}
+
+
+def test_greedy_tokens_match_sample_py(trained, run_binary):
+    result = run_stage("sample.py", f"--ckpt={trained['ckpt']}", "--start=ROMEO:", "--temperature=0",
+                       "--max_new_tokens=80", "--show_tokens=True")
+    python_tokens = tokens_line(result.stdout)
+    c = run_c(run_binary, trained["fp32"], "-z", trained["tok"], "-t", 0, "-n", 80, "-v", 1, "-i", "ROMEO:")
+    c_tokens = tokens_line(c.stdout)
+    assert len(python_tokens) >= 64
+    assert c_tokens == python_tokens
+    assert "achieved tok/s" in c.stderr
+
+
+def first_step_logits(binary, model_file, tokenizer_file, prompt):
+    c = run_c(binary, model_file, "-z", tokenizer_file, "-t", 0, "-n", 1, "-l", 1, "-i", prompt)
+    return torch.tensor([float(v) for v in re.search(r"^logits:(.*)$", c.stdout, re.M).group(1).split()])
+
+
+def test_first_step_logits_match_pytorch(trained, run_binary, shakespeare_tokenizer, tmp_path):
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
+    with torch.no_grad():
+        expected = model(torch.tensor([tokenizer.encode(prompt, bos=True)]))[0][0, -1]
+    assert (first_step_logits(run_binary, trained["fp32"], trained["tok"], prompt) - expected).abs().max() < 1e-4
+
+    # a random model with a tied head, grouped-query attention and non-default rope_theta / norm_eps
+    random = random_model(vocab_size=shakespeare_tokenizer.vocab_size, rope_theta=500000.0, norm_eps=1e-6,
+                          tie_embeddings=True, n_heads=4, n_kv_heads=1)
+    ckpt = tmp_path / "random.pt"
+    save_checkpoint({"model_args": vars(random.args), "model": random.state_dict(),
+                     "tokenizer": shakespeare_tokenizer.to_json(), "data_format": "text"}, ckpt)
+    export(ckpt, tmp_path / "random.bin", f"--tokenizer_out={tmp_path / 'random_tok.bin'}")
+    with torch.no_grad():
+        expected = random(torch.tensor([shakespeare_tokenizer.encode(prompt, bos=True)]))[0][0, -1]
+    got = first_step_logits(run_binary, tmp_path / "random.bin", tmp_path / "random_tok.bin", prompt)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def c_perplexity(binary, model_file, tokenizer_file, text_file):
+    c = run_c(binary, model_file, "-z", tokenizer_file, "-m", "perplexity", "-f", text_file)
+    return float(re.search(r"mean nll: ([0-9.]+)", c.stdout).group(1)), float(re.search(r"perplexity: ([0-9.]+)", c.stdout).group(1))
+
+
+def test_int8_close_to_fp32(trained, run_binary):
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    val_text = text[-8000:]  # from the validation split (the last 10%)
+    text_file = trained["root"] / "val.txt"
+    text_file.write_text(val_text, encoding="utf-8")
+    nll_fp32, ppl_fp32 = c_perplexity(run_binary, trained["fp32"], trained["tok"], text_file)
+    nll_int8, ppl_int8 = c_perplexity(run_binary, trained["int8"], trained["tok"], text_file)
+    # the C perplexity is PyTorch's loss on the same windows (seq_len - 1 tokens, each after <|bos|>)
+    ids, seq_len = tokenizer.encode(val_text), model.args.max_seq_len
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids), seq_len - 1):
+            window = ids[start:start + seq_len - 1]
+            _, loss = model(torch.tensor([[tokenizer.bos_id] + window[:-1]]), torch.tensor([window]),
+                            loss_reduction="sum")
+            losses.append(loss.item())
+    assert abs(nll_fp32 - sum(losses) / len(ids)) < 1e-4
+    assert abs(ppl_int8 - ppl_fp32) / ppl_fp32 < 0.02, (ppl_fp32, ppl_int8)
+
+    fp32 = tokens_line(run_c(run_binary, trained["fp32"], "-z", trained["tok"], "-t", 0, "-n", 64, "-v", 1,
+                             "-i", "KING RICHARD:").stdout)
+    int8 = tokens_line(run_c(run_binary, trained["int8"], "-z", trained["tok"], "-t", 0, "-n", 64, "-v", 1,
+                             "-i", "KING RICHARD:").stdout)
+    agree = sum(a == b for a, b in zip(fp32, int8)) / len(fp32)
+    assert agree > 0.5, (fp32, int8)
+    assert trained["int8"].stat().st_size < 0.4 * trained["fp32"].stat().st_size
+
+
+def real_lines(n_per_source=250):
+    """Non-empty lines of real text: stories, Wikipedia, instructions, and LIMA's answers (code, non-ASCII)."""
+    lines = []
+    for relative in ("tinystories/tinystories_val.txt", "wikitext-2/valid.txt"):
+        text = shared_file(relative).read_text(encoding="utf-8")
+        lines += [line for line in text.splitlines() if line.strip()][:n_per_source]
+    alpaca = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
+    lines += [line for r in alpaca for line in r["output"].splitlines() if line.strip()][:n_per_source]
+    lima = json.loads(shared_file("lima/lima.json").read_text(encoding="utf-8"))
+    lima_lines = [line for r in lima for line in (r["instruction"] + "\n" + r["output"]).splitlines() if line.strip()]
+    lines += [line for line in lima_lines if not line.isascii()][:n_per_source // 2]
+    lines += [line for line in lima_lines if line.isascii()][:n_per_source // 2]
+    return lines
+
+
+def test_prompt_encoding_matches_tiktoken(trained, run_binary, tmp_path):
+    _, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    lines = [line + "\n" for line in real_lines()]
+    lines += ["  two  spaces\tand\ttabs  \n", "numbers 1234567 and 3.14159, it's THEY'LL we've\n",
+              "émigré naïve Москва 東京 🙂 x²\n", "\r\n", "end of text   "]
+    assert len(lines) >= 1000
+    text_file = tmp_path / "lines.txt"
+    text_file.write_text("".join(lines), encoding="utf-8")
+    c = run_c(run_binary, trained["fp32"], "-z", trained["tok"], "-m", "encode", "-f", text_file)
+    c_ids = [[int(t) for t in row.split()] for row in c.stdout.split("\n")[:len(lines)]]
+    mismatches = [line for line, ids in zip(lines, c_ids) if ids != tokenizer.encode(line)]
+    assert not mismatches, f"{len(mismatches)} lines encode differently, e.g. {mismatches[:3]}"
+
+
+def test_chat_mode_uses_the_chat_format(trained, run_binary):
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    messages = [{"role": "system", "content": "Speak in verse."}, {"role": "user", "content": "Who is there?"}]
+    prompt = tokenizer.render_for_completion(messages)
+    stops = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
+    expected = []
+    for tokens, _ in model.generate(prompt, 20, temperature=0):
+        if tokens[0] in stops:
+            break
+        expected.append(tokens[0])
+    c = run_c(run_binary, trained["fp32"], "-z", trained["tok"], "-m", "chat", "-t", 0, "-n", 20, "-v", 1,
+              "-y", "Speak in verse.", "-i", "Who is there?")
+    assert tokens_line(c.stdout) == expected
+
+
+def test_sampling_is_seeded(trained, run_binary):
+    args = [trained["fp32"], "-z", trained["tok"], "-t", 1.0, "-p", 0.9, "-n", 40, "-v", 1, "-i", "ROMEO:"]
+    a = tokens_line(run_c(run_binary, *args, "-s", 42).stdout)
+    b = tokens_line(run_c(run_binary, *args, "-s", 42).stdout)
+    c = tokens_line(run_c(run_binary, *args, "-s", 43).stdout)
+    assert a == b and a != c
+
+
+# ----------------------------------------------------------------------------------------------------
+# broken files, under AddressSanitizer
+
+
+def refused(result):
+    return result.returncode == 1 and result.stderr.startswith("error: ") and "Sanitizer" not in result.stderr
+
+
+def clean(result):
+    """Refused cleanly, or accepted and run without a sanitizer report."""
+    return refused(result) or (result.returncode == 0 and "Sanitizer" not in result.stderr
+                               and "runtime error" not in result.stderr)
+
+
+def test_bad_files_are_refused_cleanly(trained, debug_binary, tmp_path):
+    model_bytes, tok_bytes = trained["fp32"].read_bytes(), trained["tok"].read_bytes()
+    cases = []  # (path of the model file, path of the tokenizer file, must it be refused?)
+
+    def case(name, model_data, tok_data, must_refuse):
+        model_path, tok_path = tmp_path / f"{name}.bin", tmp_path / f"{name}.tok"
+        model_path.write_bytes(model_data)
+        tok_path.write_bytes(tok_data)
+        cases.append((name, model_path, tok_path, must_refuse))
+
+    for cut in sorted({0, 3, 4, 8, 100, 255, 256, 257, 1000, len(model_bytes) // 2, len(model_bytes) - 64,
+                       len(model_bytes) - 1}):
+        case(f"model_cut{cut}", model_bytes[:cut], tok_bytes, True)
+    case("model_longer", model_bytes + b"\0" * 64, tok_bytes, True)
+    for cut in sorted({0, 4, 40, 63, 64, 100, len(tok_bytes) // 3, len(tok_bytes) // 2, len(tok_bytes) - 1}):
+        case(f"tok_cut{cut}", model_bytes, tok_bytes[:cut], True)
+    # flipped header bytes: seq_len, rope_theta and norm_eps (32..43) may take other valid values, the padding
+    # (72..255) is unused; every other field must be refused
+    for offset in range(0, 80):
+        flipped = bytearray(model_bytes)
+        flipped[offset] ^= 0xFF
+        case(f"model_flip{offset}", bytes(flipped), tok_bytes, not 32 <= offset < 44 and offset < 72)
+    for offset in range(0, 48):
+        flipped = bytearray(tok_bytes)
+        flipped[offset] ^= 0xFF
+        case(f"tok_flip{offset}", model_bytes, bytes(flipped), offset < 16 or 24 <= offset < 32)
+    version_2 = bytearray(model_bytes)
+    version_2[4:8] = struct.pack("<i", 2)
+    case("model_version2", bytes(version_2), tok_bytes, True)
+    case("model_is_tokenizer", tok_bytes, tok_bytes, True)
+    case("tok_is_model", model_bytes, model_bytes[:5000], True)
+
+    def run_case(c):
+        name, model_path, tok_path, must_refuse = c
+        return c, run_c(debug_binary, model_path, "-z", tok_path, "-t", 0, "-n", 4, "-i", "Hi", check=False)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run_case, cases))
+    for (name, _, _, must_refuse), result in results:
+        assert clean(result), f"{name}: rc {result.returncode}\n{result.stderr[-1500:]}"
+        if must_refuse:
+            assert refused(result), f"{name} was not refused: rc {result.returncode}\n{result.stderr[-500:]}"
+
+    missing = run_c(debug_binary, tmp_path / "nothing.bin", "-z", trained["tok"], check=False)
+    assert refused(missing) and "nothing.bin" in missing.stderr
+    truncated = dict((r[0][0], r[1]) for r in results)["model_cut1000"]
+    assert "truncated" in truncated.stderr
+
+
+def test_tokenizer_of_another_model_is_refused(trained, debug_binary, tmp_path):
+    tokenizer = load_checkpoint(str(trained["ckpt"]))[1]
+    other = random_model(vocab_size=tokenizer.vocab_size + 50)
+    from tokenizer import Tokenizer
+    byte_tokenizer = Tokenizer.byte_level()
+    ckpt = tmp_path / "other.pt"
+    save_checkpoint({"model_args": vars(other.args), "model": other.state_dict(),
+                     "tokenizer": byte_tokenizer.to_json()}, ckpt)
+    export(ckpt, tmp_path / "other.bin", f"--tokenizer_out={tmp_path / 'other_tok.bin'}")
+    result = run_c(debug_binary, trained["fp32"], "-z", tmp_path / "other_tok.bin", check=False)
+    assert refused(result) and "does not belong" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# llama2.c's version-0 layout
+
+
+def test_legacy_export_matches_llama2c_layout(trained, tmp_path):
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    legacy, legacy_tok = tmp_path / "legacy.bin", tmp_path / "legacy_tok.bin"
+    run_stage("export.py", f"--ckpt={trained['ckpt']}", f"--out={tmp_path / 'm.bin'}", "--tokenizer_out=",
+              "--legacy=True", f"--legacy_out={legacy}", f"--legacy_tokenizer_out={legacy_tok}")
+    a = model.args
+    data = legacy.read_bytes()
+    header = struct.unpack("<7i", data[:28])
+    assert header == (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, -a.vocab_size, a.max_seq_len)
+    floats = np.frombuffer(data[28:], dtype="<f4")
+    head_dim, kv_dim = a.dim // a.n_heads, a.dim // a.n_heads * a.n_kv_heads
+    sizes = [a.vocab_size * a.dim, a.n_layers * a.dim, a.n_layers * a.dim * a.dim, a.n_layers * kv_dim * a.dim,
+             a.n_layers * kv_dim * a.dim, a.n_layers * a.dim * a.dim, a.n_layers * a.dim,
+             3 * a.n_layers * a.dim * a.hidden_dim, a.dim, a.max_seq_len * head_dim, a.vocab_size * a.dim]
+    assert floats.size == sum(sizes)
+    embedding = torch.from_numpy(floats[:sizes[0]].copy()).view(a.vocab_size, a.dim)
+    classifier = torch.from_numpy(floats[-sizes[-1]:].copy()).view(a.vocab_size, a.dim)
+    # llama2.c's conventions: BOS is 1 and byte b is 3 + b; the rows moved with the ids
+    assert torch.equal(embedding[1], model.tok_embeddings.weight[tokenizer.bos_id])
+    assert torch.equal(classifier[1], model.output.weight[tokenizer.bos_id])
+    for b in (10, 32, 65, 200):
+        assert torch.equal(embedding[3 + b], model.tok_embeddings.weight[tokenizer.mergeable_ranks[bytes([b])]])
+    # the tokenizer: max length, then (score, length, bytes) per id; higher score = earlier merge
+    tok = legacy_tok.read_bytes()
+    offset, pieces, scores = 4, [], []
+    while offset < len(tok):
+        score, length = struct.unpack("<fi", tok[offset:offset + 8])
+        pieces.append(tok[offset + 8:offset + 8 + length])
+        scores.append(score)
+        offset += 8 + length
+    assert len(pieces) == a.vocab_size and pieces[1] == b"<|bos|>" and pieces[3 + 10] == b"<0x0A>"
+    assert pieces[3 + ord("a")] == b"a"
+    merged = [i for i, p in enumerate(pieces) if i > 258 and not p.startswith(b"<|")]
+    assert all(scores[i] > scores[j] for i, j in zip(merged, merged[1:]))
+
+    # settings llama2.c hard-codes are refused with a message
+    other = random_model(vocab_size=tokenizer.vocab_size, rope_theta=500000.0)
+    ckpt = tmp_path / "theta.pt"
+    save_checkpoint({"model_args": vars(other.args), "model": other.state_dict(),
+                     "tokenizer": tokenizer.to_json()}, ckpt)
+    result = run_stage("export.py", f"--ckpt={ckpt}", f"--out={tmp_path / 't.bin'}", "--tokenizer_out=",
+                       "--legacy=True", f"--legacy_out={tmp_path / 'tl.bin'}",
+                       f"--legacy_tokenizer_out={tmp_path / 'tlt.bin'}", check=False)
+    assert result.returncode == 1 and "rope_theta=500000" in result.stderr

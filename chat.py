@@ -481,8 +481,10 @@ def make_server(model, tokenizer, host="127.0.0.1", port=8000, name="nanollama",
     server.daemon_threads = True
     server.model, server.tokenizer, server.model_name, server.tools = model, tokenizer, name, tools_on
     server.created = int(time.time())
-    server.defaults = {"temperature": 0.6, "top_k": 50, "top_p": 0.95, "max_tokens": 512, "max_tokens_limit": 2048,
-                       "max_choices": 8, **(defaults or {})}
+    # what a request leaves out comes from the settings at the top of this file (after configure)
+    server.defaults = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                       "max_tokens": min(max_new_tokens, max_tokens_limit), "max_tokens_limit": max_tokens_limit,
+                       "max_choices": max_choices, **(defaults or {})}
     server.max_request_bytes = request_bytes_limit
     server.generation_lock = threading.Lock()
     server.slots = threading.BoundedSemaphore(waiting_limit + 1)
@@ -516,11 +518,8 @@ if __name__ == "__main__":
     if serve:
         name = model_name or f"nanollama-{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}"
         try:
-            server = make_server(model, tokenizer, host, port, name, tools_on=tools, request_bytes_limit=max_request_bytes,
-                                 waiting_limit=max_waiting,
-                                 defaults={"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                           "max_tokens": min(max_new_tokens, max_tokens_limit),
-                                           "max_tokens_limit": max_tokens_limit, "max_choices": max_choices})
+            server = make_server(model, tokenizer, host, port, name, tools_on=tools,
+                                 request_bytes_limit=max_request_bytes, waiting_limit=max_waiting)
         except OSError as e:
             sys.exit(f"error: cannot listen on {host}:{port}: {e.strerror} (another server there? try --port=8001)")
         address = f"http://{host}:{server.server_address[1]}"

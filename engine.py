@@ -6,6 +6,12 @@ Tool use: when the model writes <|python_start|>expression<|python_end|>, the en
 expression with a whitelisted AST evaluator (never Python's eval) and forces
 <|output_start|>result<|output_end|> into the sequence; the model continues from there. A refused or
 failing expression produces an error text as the output, never an exception.
+
+    generate(model, tokenizer, prompt, ...)       -> yields (tokens, forced) per step, as model.generate
+    generate_text(model, tokenizer, prompt, ...)  -> yields (tokens, text pieces) per step, for streaming
+    generate_reply(model, tokenizer, messages)    -> (reply text, token ids), not streamed
+    reply_parts(text)                             -> reply text with tool markup back to tool-call parts
+    fit_conversation(tokenizer, messages, n)      -> a prompt of at most n tokens, oldest turns left out
 """
 
 import ast

@@ -750,16 +750,12 @@ static int encode(const Tokenizer *t, const char *text, int **ids) {
 // the sampler: greedy, or temperature + top-p with a seeded generator
 
 typedef struct {
-    float prob;
-    int index;
-} ProbIndex;
-
-typedef struct {
     int vocab_size;
     float temperature;  // 0 = greedy
     float topp;         // 1.0 = off
     uint64_t rng_state;
-    ProbIndex *candidates;  // (vocab_size,) scratch for top-p
+    float *candidate_probs;  // (vocab_size,) scratch for top-p
+    int *candidate_ids;      // (vocab_size,)
 } Sampler;
 
 static uint32_t random_u32(uint64_t *state) {  // xorshift64*
@@ -783,44 +779,54 @@ static int sample_from(const float *probs, int n, float coin) {
     return n - 1;  // rounding
 }
 
+// total probability of the candidates >= threshold (a branch-free loop the compiler vectorizes)
+static float mass_at_least(const float *probs, int n, float threshold) {
+    float mass = 0.0f;
+    #pragma omp simd reduction(+:mass)
+    for (int i = 0; i < n; i++) mass += probs[i] >= threshold ? probs[i] : 0.0f;
+    return mass;
+}
+
+static float float_of_bits(uint32_t bits) { float f; memcpy(&f, &bits, 4); return f; }
+static uint32_t bits_of_float(float f) { uint32_t bits; memcpy(&bits, &f, 4); return bits; }
+
 /*
-Top-p without sorting the vocabulary: tokens below (1 - p) / (n - 1) can never be in the nucleus, so they are
-dropped first; then a quickselect-style partition finds the smallest set of most likely tokens whose mass
-reaches p (expected linear time, even when near-flat logits keep most tokens as candidates). The nucleus is
-left unordered; sampling walks it in that order.
+Top-p without sorting the vocabulary. Tokens below (1 - p) / (n - 1) can never be in the nucleus, so they are
+dropped first (llama2.c's trick); near-flat logits keep most tokens, though, so the nucleus boundary is then
+found by bisection: the smallest probability t such that the tokens >= t hold at least p of the mass. Positive
+floats order like their bit patterns, so ~30 vectorized passes over the candidates find t exactly. The nucleus
+is every candidate > t plus, among those equal to t, as many as needed (in id order); it is sampled in id order.
 */
-static int sample_topp(const float *probs, int n, float topp, ProbIndex *c, float coin) {
-    float cutoff = (1.0f - topp) / (n - 1);
+static int sample_topp(const float *probs, int n, float topp, float *cand_probs, int *cand_ids, float coin) {
+    float cutoff = (1.0f - topp) / (n - 1), max_prob = 0.0f;
     int m = 0;
-    for (int i = 0; i < n; i++) if (probs[i] >= cutoff) { c[m].prob = probs[i]; c[m].index = i; m++; }
-    if (m == 0) return argmax(probs, n);
-    int lo = 0, hi = m, end = m;  // c[0:lo] is in the nucleus; the boundary lies in c[lo:hi]
-    float mass_in = 0.0f;
-    while (lo < hi) {
-        float pivot = c[lo + (hi - lo) / 2].prob;
-        // three-way partition of c[lo:hi]: > pivot, == pivot, < pivot
-        int gt = lo, i = lo, lt = hi;
-        float mass_gt = 0.0f, mass_eq = 0.0f;
-        while (i < lt) {
-            if (c[i].prob > pivot) { mass_gt += c[i].prob; ProbIndex tmp = c[gt]; c[gt++] = c[i]; c[i++] = tmp; }
-            else if (c[i].prob < pivot) { ProbIndex tmp = c[--lt]; c[lt] = c[i]; c[i] = tmp; }
-            else { mass_eq += c[i].prob; i++; }
-        }
-        if (mass_in + mass_gt >= topp && gt > lo) { hi = gt; continue; }
-        mass_in += mass_gt;
-        if (mass_in + mass_eq >= topp) {  // equal tokens: take as many as needed
-            end = gt;
-            while (end < lt && mass_in < topp) { mass_in += c[end].prob; end++; }
-            break;
-        }
-        mass_in += mass_eq;
-        lo = lt;
-        end = lt;
-        if (lo >= hi) break;
+    for (int i = 0; i < n; i++) {
+        if (probs[i] >= cutoff) { cand_probs[m] = probs[i]; cand_ids[m] = i; m++; }
+        if (probs[i] > max_prob) max_prob = probs[i];
     }
-    float r = coin * mass_in, cdf = 0.0f;
-    for (int i = 0; i < end; i++) { cdf += c[i].prob; if (r < cdf) return c[i].index; }
-    return c[end - 1].index;  // rounding
+    if (m == 0) return argmax(probs, n);
+    uint32_t lo = 0, hi = bits_of_float(max_prob) + 1;  // mass(>= lo) >= topp > mass(>= hi)
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (mass_at_least(cand_probs, m, float_of_bits(mid)) >= topp) lo = mid;
+        else hi = mid;
+    }
+    float threshold = float_of_bits(lo);
+    float mass = 0.0f;
+    for (int i = 0; i < m; i++) if (cand_probs[i] > threshold) mass += cand_probs[i];
+    int k = 0;  // keep the nucleus in cand_*[0:k]
+    for (int i = 0; i < m; i++) {
+        if (cand_probs[i] > threshold || (cand_probs[i] == threshold && mass < topp)) {
+            if (cand_probs[i] == threshold) mass += cand_probs[i];
+            cand_probs[k] = cand_probs[i];
+            cand_ids[k] = cand_ids[i];
+            k++;
+        }
+    }
+    if (k == 0) return argmax(probs, n);
+    float r = coin * mass, cdf = 0.0f;
+    for (int i = 0; i < k; i++) { cdf += cand_probs[i]; if (r < cdf) return cand_ids[i]; }
+    return cand_ids[k - 1];  // rounding
 }
 
 static int sample(Sampler *sampler, float *logits) {
@@ -829,7 +835,8 @@ static int sample(Sampler *sampler, float *logits) {
     softmax(logits, sampler->vocab_size);
     float coin = random_f32(&sampler->rng_state);
     if (sampler->topp <= 0.0f || sampler->topp >= 1.0f) return sample_from(logits, sampler->vocab_size, coin);
-    return sample_topp(logits, sampler->vocab_size, sampler->topp, sampler->candidates, coin);
+    return sample_topp(logits, sampler->vocab_size, sampler->topp, sampler->candidate_probs,
+                       sampler->candidate_ids, coin);
 }
 
 // ----------------------------------------------------------------------------
@@ -1140,10 +1147,11 @@ int main(int argc, char *argv[]) {
              transformer.config.vocab_size);
 
     Sampler sampler = {transformer.config.vocab_size, temperature, topp,
-                       seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL), NULL};
+                       seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL), NULL, NULL};
     if (sampler.rng_state == 0) sampler.rng_state = 0x9E3779B97F4A7C15ull;  // xorshift needs a nonzero state
     for (int i = 0; i < 4; i++) random_u32(&sampler.rng_state);              // mix small seeds
-    sampler.candidates = xmalloc((size_t)transformer.config.vocab_size * sizeof(ProbIndex));
+    sampler.candidate_probs = xmalloc((size_t)transformer.config.vocab_size * sizeof(float));
+    sampler.candidate_ids = xmalloc((size_t)transformer.config.vocab_size * sizeof(int));
 
     if (!strcmp(mode, "generate")) generate(&transformer, &tokenizer, &sampler, prompt ? prompt : "", (int)steps,
                                             (int)print_first_logits, (int)show_tokens);
@@ -1152,7 +1160,8 @@ int main(int argc, char *argv[]) {
     else if (!strcmp(mode, "perplexity")) perplexity(&transformer, &tokenizer, prompt ? prompt : "");
     else encode_lines(&tokenizer, prompt ? prompt : "");
 
-    free(sampler.candidates);
+    free(sampler.candidate_probs);
+    free(sampler.candidate_ids);
     free_tokenizer(&tokenizer);
     free_transformer(&transformer);
     free(file_text);

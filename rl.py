@@ -299,12 +299,12 @@ if __name__ == "__main__":
         ref_model.requires_grad_(False)
 
     optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
-    iter_num = 0
+    iter_num, train_time = 0, 0.0  # train_time: seconds of training steps over the whole run, resumes included
     if init_from == "resume":
         if "optimizer" not in checkpoint:
             fail(f"{ckpt_path} has no optimizer state; start a new run from it with --init_from={ckpt_path}")
         optimizer.load_state_dict(checkpoint["optimizer"])
-        iter_num = checkpoint["iter_num"]
+        iter_num, train_time = checkpoint["iter_num"], checkpoint.get("train_time_s", 0.0)
         torch.set_rng_state(checkpoint["rng_state"]["torch"])
         print(f"resuming from {ckpt_path} at step {iter_num}")
     checkpoint = None  # free the memory
@@ -369,8 +369,8 @@ if __name__ == "__main__":
     def make_checkpoint():
         return {"model_args": asdict(model_args), "model": model.state_dict(), "tokenizer": tokenizer.to_json(),
                 "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": "chat",
-                "iter_num": iter_num, "init_checkpoint": init_checkpoint, "optimizer": optimizer.state_dict(),
-                "rng_state": {"torch": torch.get_rng_state()}}
+                "iter_num": iter_num, "train_time_s": train_time, "init_checkpoint": init_checkpoint,
+                "optimizer": optimizer.state_dict(), "rng_state": {"torch": torch.get_rng_state()}}
 
     def append_log(record):
         with open(log_path, "a", encoding="utf-8") as f:
@@ -387,8 +387,11 @@ if __name__ == "__main__":
         evals = [r for r in records if r["type"] == "eval"]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if steps:
-            ax.plot([r["iter"] for r in steps], [r["mean_reward"] for r in steps], lw=0.8, alpha=0.5,
-                    label="mean reward (training samples)")
+            its, step_rewards = [r["iter"] for r in steps], [r["mean_reward"] for r in steps]
+            ax.plot(its, step_rewards, lw=0.8, alpha=0.4, label="mean reward (training samples)")
+            window = min(10, len(step_rewards))  # the per-step reward is noisy: a moving average shows the trend
+            smoothed = np.convolve(step_rewards, np.ones(window) / window, mode="valid")
+            ax.plot(its[window - 1:], smoothed, lw=1.5, color="C0", label=f"mean reward, {window}-step average")
         if evals:
             its = [r["iter"] for r in evals]
             ax.errorbar(its, [r["accuracy"] for r in evals], yerr=[r["accuracy_stderr"] for r in evals], fmt="o-",
@@ -422,8 +425,7 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------------------------------
     # the loop
-    start_iter = iter_num
-    train_time = 0.0
+    start_iter, start_time = iter_num, train_time
     model.train()
     print(f"training from step {iter_num} to {max_iters}")
     while True:
@@ -494,7 +496,7 @@ if __name__ == "__main__":
                       "sample_s": round(t_sampled - t0, 3), "sampled_tokens_per_sec": reply_tokens / (t_sampled - t0),
                       "time_s": round(train_time, 3)}
             append_log(record)
-            eta_min = (max_iters - iter_num) * train_time / (iter_num - start_iter) / 60
+            eta_min = (max_iters - iter_num) * (train_time - start_time) / (iter_num - start_iter) / 60
             print(f"step {iter_num}/{max_iters}: mean reward {record['mean_reward']:.3f}, accuracy {record['accuracy']:.3f}, "
                   f"informative groups {informative:.2f}, kl {record['kl']:.4f}, reply {record['mean_reply_tokens']:.1f} "
                   f"tokens, lr {lr:.2e}, {dt * 1000:.0f} ms ({record['sample_s'] * 1000:.0f} sampling), "

@@ -41,7 +41,8 @@ def reply_with_tool_call(tokenizer, expression, output, text):
 def test_loss_touches_only_sampled_reply_tokens(byte_tokenizer):
     tok = byte_tokenizer
     prompt = tok.render_for_completion([{"role": "user", "content": "What is 12 + 30?"}])
-    replies = [reply_with_tool_call(tok, "12+30", "42", "#### 42"), (tok.encode("#### 7") + [tok.special("<|assistant_end|>")], [False] * 7)]
+    short_reply = tok.encode("#### 7") + [tok.special("<|assistant_end|>")]
+    replies = [reply_with_tool_call(tok, "12+30", "42", "#### 42"), (short_reply, [False] * len(short_reply))]
     x, targets = rollout_tensors(prompt, replies, pad_id=tok.bos_id)
     for k, (tokens, forced) in enumerate(replies):
         expected = torch.full((x.shape[1],), -1)
@@ -190,5 +191,5 @@ def test_clear_errors(toy_task, tmp_path):
     bad = run_stage("rl.py", f"--task_dir={tmp_path}", f"--init_from={toy_task / 'sft' / 'ckpt.pt'}",
                     f"--out_dir={tmp_path / 'o'}", check=False)
     assert bad.returncode == 1 and "test.jsonl:1" in bad.stderr and "answer" in bad.stderr
-    no_model = run_stage("rl.py", f"--init_from={tmp_path / 'nothing.pt'}", check=False)
+    no_model = run_stage("rl.py", f"--init_from={tmp_path / 'nothing.pt'}", f"--out_dir={tmp_path / 'o'}", check=False)
     assert no_model.returncode == 1 and "not found" in no_model.stderr and "Traceback" not in no_model.stderr

@@ -22,9 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from configurator import ConfigError, config_keys, configure
+from configurator import ConfigError, configure
 import engine
-from model import load_checkpoint
+from model import load_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out/sft"  # where to look for best.pt (then ckpt.pt) when ckpt is empty
@@ -52,40 +52,6 @@ HTML_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html"
 # how the terminal shows a tool call: [calculator: 12*7 = 84]
 TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
                 "<|output_end|>": "]"}
-
-
-def equals_form(argv, defaults):
-    """`--key value` -> `--key=value` and a bare boolean `--serve` -> `--serve=True`, for the configurator."""
-    result, i = [], 0
-    while i < len(argv):
-        arg, key = argv[i], argv[i][2:]
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if arg.startswith("--") and "=" not in arg and key in defaults:
-            if isinstance(defaults[key], bool):
-                if following is not None and following.lower() in ("true", "false"):
-                    result.append(f"--{key}={following}")
-                    i += 2
-                else:
-                    result.append(f"--{key}=True")
-                    i += 1
-                continue
-            if following is not None:
-                result.append(f"--{key}={following}")
-                i += 2
-                continue
-        result.append(arg)
-        i += 1
-    return result
-
-
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -495,7 +461,7 @@ def make_server(model, tokenizer, host="127.0.0.1", port=8000, name="nanollama",
 
 if __name__ == "__main__":
     try:
-        configure(globals(), equals_form(sys.argv[1:], {k: globals()[k] for k in config_keys(globals())}))
+        configure(globals())
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if not ckpt:

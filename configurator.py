@@ -8,7 +8,7 @@ A stage script declares its settings as plain module-level globals, then calls
     config = configure(globals())
 
 Positional arguments are Python files executed in order (they may read earlier values), then each
---key=value override is applied. A misspelled key is an error that names the nearest valid key; a value of
+--key=value override is applied ('--key value' works too, and a bare '--flag' sets a boolean to True). A misspelled key is an error that names the nearest valid key; a value of
 the wrong type is an error that names the expected type. Booleans accept True/False.
 """
 
@@ -75,6 +75,33 @@ def parse_override_value(raw, default):
         return raw
 
 
+def equals_form(argv, defaults):
+    """
+    '--key value' -> '--key=value' where key is a setting and a value follows, and a bare boolean '--serve' ->
+    '--serve=True' (unless True/False follows), so both spellings of the README's commands work.
+    """
+    result, i = [], 0
+    while i < len(argv):
+        arg, key = argv[i], argv[i][2:]
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith("--") and "=" not in arg and key in defaults:
+            if isinstance(defaults[key], bool):
+                if following is not None and following.lower() in ("true", "false"):
+                    result.append(f"--{key}={following}")
+                    i += 2
+                else:
+                    result.append(f"--{key}=True")
+                    i += 1
+                continue
+            if following is not None and not following.startswith("--"):
+                result.append(f"--{key}={following}")
+                i += 2
+                continue
+        result.append(arg)
+        i += 1
+    return result
+
+
 def configure(namespace, argv=None, verbose=True):
     """
     Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the settings found in
@@ -83,6 +110,7 @@ def configure(namespace, argv=None, verbose=True):
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
+    argv = equals_form(argv, defaults)
     settings = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):

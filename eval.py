@@ -622,30 +622,6 @@ def plot_scores(history, path):
 # -----------------------------------------------------------------------------------------------------
 
 
-def join_spaced_overrides(argv, keys):
-    """Accept '--key value' as well as the configurator's '--key=value' (the README's commands use both)."""
-    joined, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "=" not in arg and arg[2:] in keys and i + 1 < len(argv):
-            joined.append(f"{arg}={argv[i + 1]}")
-            i += 2
-        else:
-            joined.append(arg)
-            i += 1
-    return joined
-
-
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def run_bpb(model, tokenizer, checkpoint):
     """bpb on the val split of bpb_data (default: the source the checkpoint was trained on)."""
     from tokenizer import open_tokens, read_meta
@@ -714,7 +690,7 @@ def main():
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
 
-    from model import load_checkpoint
+    from model import load_checkpoint, pick_device
     ckpt_path = ckpt
     if not ckpt_path:
         best = os.path.join(out_dir, "best.pt")
@@ -793,9 +769,9 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import ConfigError, config_keys, configure
+    from configurator import ConfigError, configure
     try:
-        configure(globals(), argv=join_spaced_overrides(sys.argv[1:], set(config_keys(globals()))))
+        configure(globals())
         main()
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

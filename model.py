@@ -400,6 +400,21 @@ def flops_per_token(args: ModelArgs, seq_len):
     return 6 * matmul_weights + attention
 
 
+def pick_device(requested="auto"):
+    """'auto' -> cuda if present, else mps if it really runs (not just exists), else cpu; anything else as given."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        try:
+            (torch.ones(2, device="mps") * 2).cpu()
+            return "mps"
+        except Exception:
+            pass
+    return "cpu"
+
+
 # peak dense bf16 tensor FLOP/s of common GPUs, for MFU
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12,
                   "3090": 71e12, "V100": 125e12, "T4": 65e12}

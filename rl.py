@@ -39,7 +39,7 @@ import torch
 
 import engine
 from configurator import ConfigError, configure
-from model import configure_optimizer, count_params, load_checkpoint, save_checkpoint
+from model import configure_optimizer, count_params, load_checkpoint, pick_device, save_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
 # I/O
@@ -77,7 +77,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping
 # system
-device = "auto"  # 'auto' (cuda > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on CUDA, float32 elsewhere) | 'float32' | 'bfloat16'
 seed = 1337
 num_threads = 0  # CPU threads for torch; 0 = torch's default (all cores)
@@ -235,8 +235,7 @@ if __name__ == "__main__":
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     device_type = device.split(":")[0]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"

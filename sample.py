@@ -53,32 +53,25 @@ else:
 kind = "chat model" if chat_model else "base model"
 print(f"{ckpt}: step {checkpoint.get('iter_num', '?')}, {kind}, prompt of {len(prompt)} tokens", file=sys.stderr)
 
+# how a calculator call shows: [calculator: 12*7 = 84]
+TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
+                "<|output_end|>": "] "}
 n_tokens, t0 = 0, time.time()
 for k in range(num_samples):
     sys.stdout.write("" if chat_model else start)
-    pending = b""  # bytes of a character split across tokens wait for the rest
     generated = []
-    for tokens, _ in engine.generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed + k, tools=chat_model, stop_tokens=stop_tokens):
+    # generate_text streams whole characters (a character split across tokens waits for its last byte)
+    for tokens, pieces in engine.generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + k,
+                                               tools=chat_model, stop_tokens=stop_tokens):
         token = tokens[0]
         generated.append(token)
         n_tokens += 1
         if token in stop_tokens:
             break
-        if tokenizer.is_special(token):
-            pending += {"<|python_start|>": b"[calculator: ", "<|python_end|>": b"]", "<|output_start|>": b" = ",
-                        "<|output_end|>": b" "}.get(tokenizer.decode([token]), b"")
-        else:
-            pending += tokenizer.decode_bytes([token])
-        try:
-            sys.stdout.write(pending.decode("utf-8"))
-            pending = b""
-        except UnicodeDecodeError:
-            if len(pending) > 8:  # not a split character: show it as it is
-                sys.stdout.write(pending.decode("utf-8", errors="replace"))
-                pending = b""
+        sys.stdout.write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
         sys.stdout.flush()
-    sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+    sys.stdout.write("\n")
     if show_tokens:
         print(f"tokens: {' '.join(map(str, generated))}")
     if k < num_samples - 1:

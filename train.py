@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import (ModelArgs, Transformer, apply_lora, build_model, configure_optimizer, count_params, file_sha256,
-                   flops_per_token, lora_state_dict, model_args_from_dict, peak_flops, read_checkpoint, save_checkpoint)
+                   flops_per_token, lora_state_dict, model_args_from_dict, peak_flops, pick_device, read_checkpoint,
+                   save_checkpoint)
 from tokenizer import Tokenizer, open_tokens, read_meta
 
 # -----------------------------------------------------------------------------------------------------
@@ -113,20 +114,6 @@ def fail(message):
     if ddp and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)
-
-
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        try:  # make sure MPS really runs, not just that it exists
-            (torch.ones(2, device="mps") * 2).cpu()
-            return "mps"
-        except Exception:
-            pass
-    return "cpu"
 
 
 device = pick_device(device)

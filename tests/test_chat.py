@@ -329,13 +329,6 @@ def test_serve_from_the_command_line(checkpoint_path):
         assert process.wait(timeout=30) == 0
 
 
-def test_equals_form_accepts_spaces_and_bare_flags():
-    defaults = {"ckpt": "", "serve": False, "port": 8000}
-    assert chat.equals_form(["--ckpt", "a.pt", "--serve", "--port=9"], defaults) == ["--ckpt=a.pt", "--serve=True",
-                                                                                        "--port=9"]
-    assert chat.equals_form(["--serve", "false", "cfg.py"], defaults) == ["--serve=false", "cfg.py"]
-
-
 # -----------------------------------------------------------------------------------------------------
 # the web page, in a real headless browser
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import equals_form, ConfigError, configure
 
 
 def settings():
@@ -29,6 +29,11 @@ def test_override_value_forms():
     assert isinstance(ns["learning_rate"], float) and ns["init_from"] == "out/best.pt"
     configure(ns, ["--compile=True"], verbose=False)
     assert ns["compile"] is True
+    # '--key value' with a space, as eval.py's documented command writes it
+    configure(ns, ["--init_from", "out/ckpt.pt", "--max_iters", "7", "--compile=False"], verbose=False)
+    assert ns["init_from"] == "out/ckpt.pt" and ns["max_iters"] == 7 and ns["compile"] is False
+    configure(ns, ["--compile", "--max_iters", "8"], verbose=False)  # a bare boolean flag means True
+    assert ns["compile"] is True and ns["max_iters"] == 8
 
 
 def test_misspelled_key_names_the_nearest_valid_key(tmp_path):
@@ -59,4 +64,11 @@ def test_malformed_arguments():
     with pytest.raises(ConfigError, match="not found"):
         configure(settings(), ["config/does_not_exist.py"], verbose=False)
     with pytest.raises(ConfigError, match="expected --key=value"):
-        configure(settings(), ["--compile"], verbose=False)
+        configure(settings(), ["--out_dir"], verbose=False)
+
+
+def test_equals_form_accepts_spaces_and_bare_flags():
+    defaults = {"ckpt": "", "serve": False, "port": 8000}
+    assert equals_form(["--ckpt", "a.pt", "--serve", "--port=9"], defaults) == ["--ckpt=a.pt", "--serve=True",
+                                                                                 "--port=9"]
+    assert equals_form(["--serve", "false", "cfg.py"], defaults) == ["--serve=false", "cfg.py"]

@@ -83,7 +83,7 @@ def test_sft_on_real_alpaca_learns_the_format(chat_data, base_checkpoint, shakes
     out = tmp_path / "sft"
     result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca", f"--out_dir={out}",
                        f"--init_from={base_checkpoint}", "--num_epochs=30", "--eval_interval=105",
-                       "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=10")
+                       "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10")
     assert "num_epochs=30.0: 210 steps" in result.stdout  # 50 conversations / batch 8 = 7 batches per epoch
     evals = read_log(out, "eval")
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.0

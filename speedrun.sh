@@ -16,9 +16,8 @@
 #                               sources (cached in ~/.cache/nanollama, resumable)
 #   RUN_DIR / --run_dir=DIR     where everything goes (default runs/<date-time>); report.md is written there
 #   PYTHON                      the python to use (default python)
-#   LOCK_FILE                   on a machine shared with others: take this flock(1) lock around every command
-#                               that computes, e.g. LOCK_FILE=/tmp/cpu.lock (the times reported leave out the
-#                               waits for the lock)
+#   LOCK_FILE                   on a machine shared with others: hold this flock(1) lock during each stage,
+#                               e.g. LOCK_FILE=/tmp/cpu.lock (the times reported leave out the waits for it)
 #
 # Each stage prints a banner with its name and the time so far; its output is also kept in RUN_DIR/logs/.
 set -euo pipefail
@@ -49,10 +48,12 @@ case $PRESET in
         PRETRAIN="--block_size=128 --batch_size=16 --max_iters=60 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=10
                   --eval_interval=20 --eval_iters=4 --log_interval=5"
         ALPACA_CONVERSATIONS=200; ARITH_PROBLEMS="--n_train 3000 --n_val 100 --n_test 200"
-        SFT="--data=alpaca,identity:2,arith --block_size=128 --batch_size=16 --max_iters=150 --learning_rate=3e-3
+        SFT="--data=alpaca,identity:2,arith:2 --block_size=128 --batch_size=16 --max_iters=250 --learning_rate=3e-3
              --min_lr=3e-4 --warmup_iters=10 --eval_interval=50 --eval_iters=4 --log_interval=10"
-        RL="--max_iters=20 --num_prompts=8 --num_samples=8 --max_new_tokens=48 --learning_rate=1e-3 --warmup_iters=2
-            --eval_interval=20 --eval_problems=50 --eval_samples=4"
+        # a model this small rarely gets an answer right (a few %), so the reward also pays for the format
+        # ('#### <number>' at the end): a signal RL can show rising in 30 steps
+        RL="--max_iters=30 --num_prompts=16 --num_samples=8 --max_new_tokens=48 --learning_rate=3e-4 --warmup_iters=2
+            --format_reward=1.0 --eval_interval=30 --eval_problems=50 --eval_samples=4"
         EVAL_LIMIT=50; ARITH_EVAL_LIMIT=50
         ;;
     cpu)  # the 2-core CPU preset: about 20 minutes end to end (see README for the measured figures)
@@ -62,14 +63,15 @@ case $PRESET in
         PRETRAIN="--block_size=256 --batch_size=16 --max_iters=300 --learning_rate=3e-3 --min_lr=3e-4 --warmup_iters=30
                   --eval_interval=50 --eval_iters=10 --log_interval=10"
         ALPACA_CONVERSATIONS=1000; ARITH_PROBLEMS="--n_train 10000 --n_val 200 --n_test 400"
-        SFT="--data=alpaca,identity:4,arith --block_size=256 --batch_size=16 --max_iters=400 --learning_rate=1e-3
+        SFT="--data=alpaca,identity:4,arith --block_size=256 --batch_size=16 --max_iters=300 --learning_rate=1e-3
              --min_lr=1e-4 --warmup_iters=20 --eval_interval=100 --eval_iters=10 --log_interval=10"
-        RL="--max_iters=60 --num_prompts=8 --num_samples=8 --max_new_tokens=64 --learning_rate=3e-4 --warmup_iters=5
+        RL="--max_iters=60 --num_prompts=16 --num_samples=8 --max_new_tokens=64 --learning_rate=3e-4 --warmup_iters=5
             --eval_interval=30 --eval_problems=200 --eval_samples=4"
         EVAL_LIMIT=0; ARITH_EVAL_LIMIT=200
         ;;
-    gpu)  # one GPU. NOT MEASURED: no GPU was available when this preset was written; expect about 30 minutes
-          # on one H100 (a 50M-parameter model on 200M TinyStories tokens), most of it pretraining.
+    gpu)  # one GPU. NOT MEASURED: no GPU was available when this preset was written. Expected: about 30 minutes
+          # on one H100 for a 27M-parameter model on 200M TinyStories tokens (3,000 steps x 65K tokens), of which
+          # the download (2.2 GB), tokenizer training and tokenizing take a good part.
         TINYSTORIES_TRAIN_BYTES=1000000000; TINYSTORIES_VAL_BYTES=22000000
         VOCAB_SIZE=8192; TOKENIZER_CHARS=100000000
         MODEL="--dim=512 --n_layers=8 --n_heads=8 --n_kv_heads=4 --compile=True"
@@ -88,7 +90,7 @@ CHAT_PROMPTS=("Who are you?" "Mia has 4 bags with 6 shells in each bag. How many
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers: banners with the time so far, each command's output kept in logs/, each stage's time in stages.tsv
-# (seconds spent running its commands, and wall-clock seconds including any waits for LOCK_FILE)
+# (seconds from the start of its work, and wall-clock seconds including any wait for LOCK_FILE)
 if [ -n "$DATA_DIR" ] && [ ! -d "$DATA_DIR" ]; then
     echo "error: --data_dir=$DATA_DIR is not a folder (expected a copy laid out like ../shared/data)" >&2
     exit 1
@@ -100,7 +102,7 @@ mkdir -p "$RUN_DIR/logs" "$DATA"
 T_START=$(date +%s)
 STAGE=""
 STAGE_START=$T_START
-STAGE_BUSY=0
+WORK_START=$T_START
 
 elapsed() { local s=$(( $(date +%s) - $1 )); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
 
@@ -108,27 +110,30 @@ stage() {  # stage <name>: close the previous stage, open this one
     end_stage
     STAGE=$1
     STAGE_START=$(date +%s)
-    STAGE_BUSY=0
     echo
     echo "=== [$STAGE] (run started $(elapsed "$T_START") ago) ==="
+    if [ -n "$LOCK_FILE" ]; then
+        echo "(waiting for $LOCK_FILE)"
+        exec 9>>"$LOCK_FILE"
+        flock 9
+    fi
+    WORK_START=$(date +%s)
 }
 
 end_stage() {
     if [ -n "$STAGE" ]; then
-        printf '%s\t%d\t%d\n' "$STAGE" "$STAGE_BUSY" $(( $(date +%s) - STAGE_START )) >> "$RUN_DIR/stages.tsv"
-        echo "--- $STAGE done in $(elapsed "$STAGE_START") (${STAGE_BUSY}s computing)"
+        printf '%s\t%d\t%d\n' "$STAGE" $(( $(date +%s) - WORK_START )) $(( $(date +%s) - STAGE_START )) \
+            >> "$RUN_DIR/stages.tsv"
+        echo "--- $STAGE done in $(elapsed "$WORK_START")"
+        if [ -n "$LOCK_FILE" ]; then exec 9>&-; fi  # closing the file releases the lock
     fi
     STAGE=""
 }
 
 heavy() {  # heavy <log name> <command...>: run a command, its output to the screen and appended to logs/<name>.log
-    local log=$RUN_DIR/logs/$1.log t0
+    local log=$RUN_DIR/logs/$1.log
     shift
-    if [ -n "$LOCK_FILE" ]; then exec 9>>"$LOCK_FILE"; flock 9; fi
-    t0=$(date +%s)
     "$@" 2>&1 | tee -a "$log"
-    STAGE_BUSY=$(( STAGE_BUSY + $(date +%s) - t0 ))
-    if [ -n "$LOCK_FILE" ]; then flock -u 9; exec 9>&-; fi
 }
 
 best_checkpoint() {  # the lowest-val-loss checkpoint of a run folder, else its latest

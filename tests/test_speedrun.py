@@ -44,8 +44,8 @@ def test_what_must_improve_did(ci_run):
     run, _ = ci_run
     figures = json.loads((run / "report.json").read_text())
     base, sft, rl = figures["base"], figures["sft"], figures["rl"]
-    assert base["last_train_loss"] < base["first_train_loss"] - 1.0, "pretraining loss did not fall"
-    assert base["best_val_loss"] < base["first_val_loss"] - 1.0
+    assert base["last_train_loss"] < base["first_train_loss"] - 0.5, "pretraining loss did not fall"
+    assert base["best_val_loss"] < base["first_val_loss"] - 0.5
     assert sft["best_val_loss"] < sft["first_val_loss"], "SFT val loss did not fall"
     scores = figures["eval"]
     # the base model never answers in the '#### <number>' format; after SFT most answers do

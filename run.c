@@ -351,11 +351,29 @@ static float dot_f32(const float *w, const float *x, int n) {
 
 /*
 Int8: per group, the int8 dot product (exact, in int32) times w_scale * x_scale. The dot-product instructions
-multiply unsigned by signed bytes, so they get |x| and w * sign(x). AVX-512 VNNI (vpdpbusd on 256-bit
-vectors) where the CPU has it, else AVX2 (vpmaddubsw + vpmaddwd), else plain C.
+multiply unsigned by signed bytes, so they get |x| and w * sign(x). AVX-512 VNNI (vpdpbusd, on 512-bit vectors
+when the group size is a multiple of 64, else 256-bit) where the CPU has it, else AVX2 (vpmaddubsw +
+vpmaddwd), else plain C.
 */
 static float dot_int8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group_size) {
     int n_groups = n / group_size;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (group_size % 64 == 0) {  // 64 bytes at a time; AVX-512 has no sign_epi8, a masked subtract does it
+        __m512 acc = _mm512_setzero_ps();
+        for (int g = 0; g < n_groups; g++) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = g * group_size; j < (g + 1) * group_size; j += 64) {
+                __m512i xv = _mm512_loadu_si512((const void *)(x + j));
+                __m512i wv = _mm512_loadu_si512((const void *)(w + j));
+                __mmask64 negative = _mm512_movepi8_mask(xv);
+                __m512i w_signed = _mm512_mask_sub_epi8(wv, negative, _mm512_setzero_si512(), wv);
+                sum = _mm512_dpbusd_epi32(sum, _mm512_abs_epi8(xv), w_signed);
+            }
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ws[g] * xs[g]), acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
 #if defined(__AVX2__)
     if (group_size % 32 == 0) {
         __m256 acc = _mm256_setzero_ps();

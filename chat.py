@@ -24,7 +24,7 @@ import torch
 
 from configurator import ConfigError, configure
 import engine
-from model import load_checkpoint, pick_device
+from model import checkpoint_in, load_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out/sft"  # where to look for best.pt (then ckpt.pt) when ckpt is empty
@@ -465,8 +465,7 @@ if __name__ == "__main__":
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if not ckpt:
-        best = os.path.join(out_dir, "best.pt")
-        ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+        ckpt = checkpoint_in(out_dir)
         if not os.path.exists(ckpt):
             sys.exit(f"error: no checkpoint in {out_dir} (looked for best.pt and ckpt.pt); "
                      "give one with --ckpt=PATH or --out_dir=DIR")

@@ -690,11 +690,10 @@ def main():
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
 
-    from model import load_checkpoint, pick_device
+    from model import checkpoint_in, load_checkpoint, pick_device
     ckpt_path = ckpt
     if not ckpt_path:
-        best = os.path.join(out_dir, "best.pt")
-        ckpt_path = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+        ckpt_path = checkpoint_in(out_dir)
     run_device = pick_device(device)
     if num_threads > 0:
         torch.set_num_threads(num_threads)

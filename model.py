@@ -564,6 +564,12 @@ def build_model(checkpoint, path, device="cpu"):
     return model.to(device)
 
 
+def checkpoint_in(out_dir):
+    """The checkpoint a stage uses when given only a folder: best.pt (lowest val loss), else ckpt.pt (latest)."""
+    best = os.path.join(out_dir, "best.pt")
+    return best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+
+
 def load_checkpoint(path, device="cpu"):
     """
     The one way to load a checkpoint for use: returns (model in eval mode, tokenizer, checkpoint dict).

@@ -14,7 +14,7 @@ import torch
 
 from configurator import configure
 import engine
-from model import load_checkpoint
+from model import checkpoint_in, load_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -33,8 +33,7 @@ show_tokens = False  # print the token ids too (to compare with ./run or another
 configure(globals())
 
 if not ckpt:
-    best = os.path.join(out_dir, "best.pt")
-    ckpt = best if os.path.exists(best) else os.path.join(out_dir, "ckpt.pt")
+    ckpt = checkpoint_in(out_dir)
 try:
     model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
 except (FileNotFoundError, ValueError) as e:

@@ -28,7 +28,7 @@ from model import checkpoint_in, load_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out/sft"  # where to look for best.pt (then ckpt.pt) when ckpt is empty
-ckpt = ""  # the checkpoint to chat with
+ckpt = ""  # the checkpoint to chat with: a .pt, a .safetensors export, or hf:DIR (a Hugging Face model)
 prompt = ""  # answer this one message, print the reply and exit
 system = ""  # a system message that opens every conversation
 temperature = 0.6  # 0 = greedy
@@ -255,7 +255,7 @@ def completion_events(model, tokenizer, messages, settings, tools_on):
     scanners = [StopScanner(settings["stop"]) for _ in range(n)]
     finish = ["length"] * n
     completion_tokens = 0
-    stop_tokens = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
+    stop_tokens = {tokenizer.assistant_end_id, tokenizer.bos_id}
     steps = engine.generate_text(model, tokenizer, prompt_ids, num_samples=n, max_new_tokens=settings["max_tokens"],
                                  temperature=settings["temperature"], top_k=settings["top_k"],
                                  top_p=settings["top_p"], seed=settings["seed"], tools=tools_on)
@@ -481,7 +481,8 @@ if __name__ == "__main__":
                 "seed": None if seed < 0 else seed, "tools": tools}
 
     if serve:
-        name = model_name or f"nanollama-{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}"
+        folder = ckpt[len("hf:"):] if ckpt.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt))
+        name = model_name or f"nanollama-{os.path.basename(os.path.normpath(folder))}"
         try:
             server = make_server(model, tokenizer, host, port, name, tools_on=tools,
                                  request_bytes_limit=max_request_bytes, waiting_limit=max_waiting)

@@ -190,11 +190,12 @@ def generate(model, tokenizer, prompt, max_new_tokens=256, temperature=0.8, top_
              num_samples=1, tools=True, stop_tokens=None):
     """
     Stream continuations of prompt (token ids): yields (tokens, forced) per step as model.generate does.
-    Stops on <|assistant_end|> or <|bos|> by default. tools=True turns the calculator on.
+    Stops at the end of the assistant's turn (<|assistant_end|> in our chat format) or <|bos|> by default.
+    tools=True turns the calculator on (tokenizers of imported models have no calculator tokens: then it is off).
     """
     if stop_tokens is None:
-        stop_tokens = [tokenizer.special("<|assistant_end|>"), tokenizer.bos_id]
-    hook = make_tool_hook(tokenizer) if tools else None
+        stop_tokens = [tokenizer.assistant_end_id, tokenizer.bos_id]
+    hook = make_tool_hook(tokenizer) if tools and tokenizer.has_tools else None
     yield from model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop_tokens=stop_tokens, num_samples=num_samples, tool_hook=hook)
 
@@ -229,7 +230,7 @@ class TextDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.tool_names = {tokenizer.special(name): name for name in TOOL_MARKUP}
+        self.tool_names = {tokenizer.special(name): name for name in TOOL_MARKUP if name in tokenizer.special_tokens}
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def piece(self, token):

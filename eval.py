@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------
-ckpt = ""  # checkpoint to evaluate; empty = out_dir/best.pt, or out_dir/ckpt.pt when there is no best.pt
+ckpt = ""  # checkpoint to evaluate (or hf:DIR, a Hugging Face model); empty = out_dir/best.pt, else out_dir/ckpt.pt
 out_dir = "out"
 tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,bpb"  # comma-separated
 split = "test"  # test | val | train | dev; HellaSwag has no labelled test split and uses val (as lm-eval does)
@@ -728,6 +728,8 @@ def main():
         raise EvalError("no task could run: " + "; ".join(f"{t}: {results[t]['skipped']}" for t in task_list))
     folder = os.path.dirname(os.path.abspath(ckpt_path))
     name = os.path.splitext(os.path.basename(ckpt_path))[0]
+    if ckpt_path.startswith("hf:"):  # an imported model: its results go to out_dir, not into its folder
+        folder, name = out_dir, "hf_" + os.path.basename(os.path.normpath(ckpt_path[len("hf:"):]))
     result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
     result = {"checkpoint": os.path.abspath(ckpt_path), "step": step, "tokens_seen": checkpoint.get("tokens_seen"),
               "mode": eval_mode, "split": split, "limit": limit, "num_fewshot": num_fewshot,

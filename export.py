@@ -1,11 +1,21 @@
 """
-Export a checkpoint for C inference: the model file and the tokenizer file that run.c reads.
+Export a checkpoint: for C inference (the model file and the tokenizer file that run.c reads), or for the
+Hugging Face ecosystem.
 
     python export.py --ckpt=out/ckpt.pt                              # model.bin (fp32) + tokenizer.bin
     python export.py --ckpt=out/ckpt.pt --quantize=int8 --out=model_q8.bin
     python export.py --ckpt=out/ckpt.pt --legacy=True                # + llama2.c's own version-0 files
+    python export.py --ckpt=out/sft/ckpt.pt --format=hf --out=out/hf # a folder transformers loads
+    python export.py --ckpt=out/sft/ckpt.pt --format=safetensors --out=model.safetensors
+    python export.py --ckpt=hf:models/SmolLM2-135M-Instruct          # an imported model, for run.c
 
 LoRA checkpoints are merged into their base weights by model.load_checkpoint before export.
+
+--format=hf writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM for a model with attention biases),
+model.safetensors (float32, Hugging Face's names and RoPE layout), tokenizer.json, tokenizer_config.json
+(with the chat template) and generation_config.json. --format=safetensors writes the weights under our own
+names with the model arguments and the tokenizer in the file's metadata: every stage reads it back as a
+checkpoint (--ckpt=model.safetensors, --init_from=model.safetensors).
 
 The model file (little-endian; every section starts at a multiple of 64 bytes, zero-padded):
 
@@ -41,6 +51,7 @@ The tokenizer file (tokenizer.bin):
 """
 
 import hashlib
+import json
 import os
 import struct
 import sys
@@ -48,14 +59,17 @@ import sys
 import numpy as np
 import regex
 import torch
+from dataclasses import asdict
 
 from configurator import ConfigError, configure
-from model import load_checkpoint
+from model import hf_config, hf_state_dict, load_checkpoint, write_atomically, write_safetensors
+from tokenizer import hf_tokenizer_files
 from tokenizer import GPT4_SPLIT_PATTERN
 
 # -----------------------------------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base)
-out = "model.bin"  # the model file for run.c
+ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), or hf:DIR
+format = "run"  # 'run' (run.c's files) | 'hf' (a Hugging Face model folder) | 'safetensors' (one weights file)
+out = ""  # the model file for run.c (default model.bin), the folder for hf (default hf_model), the .safetensors file
 tokenizer_out = "tokenizer.bin"  # the tokenizer file for run.c ("" = do not write it)
 quantize = ""  # "" = float32 weights; "int8" = symmetric group-wise int8 (about 4x smaller and faster)
 group_size = 64  # int8: values per scale; halved until it divides dim and hidden_dim
@@ -267,6 +281,39 @@ def write_legacy(model, tokenizer, model_path, tokenizer_path):
     return order
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face folder and bare safetensors
+
+
+def write_json(path, d):
+    write_atomically(path, lambda f: f.write((json.dumps(d, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+
+
+def write_hf(model, tokenizer, folder):
+    """A folder that transformers' AutoModelForCausalLM / AutoTokenizer load with the same logits and ids."""
+    os.makedirs(folder, exist_ok=True)
+    config = hf_config(model.args, tokenizer)
+    write_json(os.path.join(folder, "config.json"), config)
+    write_json(os.path.join(folder, "generation_config.json"),
+               {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
+    write_safetensors({name: t.float() for name, t in hf_state_dict(model).items()},
+                      os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer_json, tokenizer_config = hf_tokenizer_files(tokenizer, model.args.max_seq_len)
+    write_json(os.path.join(folder, "tokenizer.json"), tokenizer_json)
+    write_json(os.path.join(folder, "tokenizer_config.json"), tokenizer_config)
+
+
+def write_bare_safetensors(model, tokenizer, checkpoint, path):
+    """Our weights under our names; the model arguments and the tokenizer ride along in the metadata."""
+    state = {name: t for name, t in model.state_dict().items()
+             if not (name == "output.weight" and model.args.tie_embeddings)}  # a tied head is the embedding
+    metadata = {"format": "nanollama", "model_args": json.dumps(asdict(model.args)), "tokenizer": tokenizer.to_json(),
+                "tokenizer_sha256": tokenizer.sha256, "data_format": checkpoint.get("data_format", "text"),
+                "iter_num": str(checkpoint.get("iter_num", 0))}
+    write_safetensors(state, path, metadata)
+
+
 # ----------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -276,14 +323,33 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     if quantize not in ("", "fp32", "int8"):
         sys.exit(f"error: --quantize={quantize!r}: expected '' (float32) or 'int8'")
+    if format not in ("run", "hf", "safetensors"):
+        sys.exit(f"error: --format={format!r}: expected run (run.c's files), hf (a Hugging Face folder) or safetensors")
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     args = model.args
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if format == "hf":
+        out = out or "hf_model"
+        write_hf(model, tokenizer, out)
+        print(f"wrote {out}/: config.json, model.safetensors ({n_params / 1e6:.2f}M parameters, float32), "
+              f"tokenizer.json, tokenizer_config.json ({tokenizer.chat_format} chat format); load it with "
+              f"transformers' AutoModelForCausalLM.from_pretrained({out!r})")
+        sys.exit(0)
+    if format == "safetensors":
+        out = out or "model.safetensors"
+        write_bare_safetensors(model, tokenizer, checkpoint, out)
+        print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, float32, model arguments and tokenizer in its metadata")
+        sys.exit(0)
+    out = out or "model.bin"
+    unsupported = ["attention biases (Qwen2)"] * args.attention_bias + ["Llama 3 RoPE scaling"] * bool(args.rope_scaling)
+    if unsupported:
+        sys.exit(f"error: {ckpt}: run.c does not implement {' and '.join(unsupported)}; "
+                 "export it with --format=hf or --format=safetensors instead")
     weight_type = 1 if quantize == "int8" else 0
     group = choose_group_size(args, group_size) if weight_type else 0
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     file_size, max_error = write_model(model, tokenizer, out, weight_type, group)
     kind = f"int8, group size {group}, max abs rounding error {max_error:.2e}" if weight_type else "float32"
     print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, {kind}, {file_size / 1e6:.1f} MB")

@@ -18,7 +18,8 @@ from model import checkpoint_in, load_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out"
-ckpt = ""  # a checkpoint path; empty = out_dir/best.pt, or out_dir/ckpt.pt when there is no best.pt
+ckpt = ""  # a checkpoint: a .pt, a .safetensors export, or hf:DIR (a Hugging Face model folder or Hub id);
+#           empty = out_dir/best.pt, or out_dir/ckpt.pt when there is no best.pt
 start = ""  # the prompt; "FILE:path" reads it from a file; empty = start from <|bos|> alone
 num_samples = 1
 max_new_tokens = 200
@@ -45,7 +46,7 @@ chat_model = checkpoint.get("data_format") == "chat"
 if chat_model:
     # a chat model (SFT, LoRA) answers the prompt as a user message; tools on, stop at the end of its turn
     prompt = tokenizer.render_for_completion([{"role": "user", "content": start or "Hello!"}])
-    stop_tokens = [tokenizer.special("<|assistant_end|>"), tokenizer.bos_id]
+    stop_tokens = [tokenizer.assistant_end_id, tokenizer.bos_id]
 else:
     prompt = tokenizer.encode(start, bos=True)
     stop_tokens = [tokenizer.bos_id] if stop_at_bos else []

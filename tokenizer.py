@@ -15,6 +15,8 @@ import base64
 import hashlib
 import heapq
 import json
+import os
+import unicodedata
 from collections import Counter
 
 import regex
@@ -33,17 +35,36 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",  # the tool's answer, written into the sequence by the engine
 ]
 
+# The chat formats a tokenizer can render. Ours is nanollama's; the others are those of imported open-weight
+# models (Tokenizer.from_hf): ChatML (SmolLM2, Qwen2.5) and Llama 3's header format.
+#   chatml:  <|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n
+#   llama3:  <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>...
+CHAT_FORMATS = {
+    "nanollama": {"special_tokens": SPECIAL_TOKENS, "end_of_turn": "<|assistant_end|>"},
+    "chatml": {"special_tokens": ["<|im_start|>", "<|im_end|>"], "end_of_turn": "<|im_end|>"},
+    "llama3": {"special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "end_of_turn": "<|eot_id|>"},
+    "none": {"special_tokens": [], "end_of_turn": None},  # an imported base model with no chat template we know
+}
+
 FILE_FORMAT = "tokenizer"
 FILE_VERSION = 1
+OPTIONAL_FIELDS = ("chat_format", "bos_token", "chat_template", "default_system", "normalizer")
 
 
 class Tokenizer:
     """Ranks (token bytes -> id), a split pattern and special tokens, encoded and decoded by tiktoken."""
 
-    def __init__(self, mergeable_ranks, pattern, special_tokens, name="bpe"):
-        missing = [t for t in SPECIAL_TOKENS if t not in special_tokens]
+    def __init__(self, mergeable_ranks, pattern, special_tokens, name="bpe", chat_format="nanollama",
+                 bos_token="<|bos|>", chat_template="", default_system="", normalizer=""):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"tokenizer {name}: chat_format {chat_format!r}, expected one of {list(CHAT_FORMATS)}")
+        required = CHAT_FORMATS[chat_format]["special_tokens"] + [bos_token]
+        missing = [t for t in required if t not in special_tokens]
         if missing:
-            raise ValueError(f"tokenizer {name}: missing special tokens {missing}")
+            raise ValueError(f"tokenizer {name}: missing special tokens {missing} ({chat_format} chat format)")
+        if normalizer not in ("", "NFC"):
+            raise ValueError(f"tokenizer {name}: normalizer {normalizer!r}, expected '' or 'NFC'")
         self.mergeable_ranks = mergeable_ranks  # dict bytes -> id
         self.pattern = pattern
         self.special_tokens = dict(special_tokens)  # dict name -> id
@@ -51,7 +72,17 @@ class Tokenizer:
         self.encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                           special_tokens=self.special_tokens)
         self.vocab_size = self.encoding.n_vocab
-        self.bos_id = self.special_tokens["<|bos|>"]
+        # Imported (Hugging Face) tokenizers keep their model's own chat format and document-start token; ours
+        # is 'nanollama' (DESIGN.md). chat_template is the Jinja text transformers uses, kept for export only.
+        self.chat_format = chat_format
+        self.bos_token = bos_token
+        self.bos_id = self.special_tokens[bos_token]  # starts every document (and every nanollama/llama3 conversation)
+        end_of_turn = CHAT_FORMATS[chat_format]["end_of_turn"] or bos_token
+        self.assistant_end_id = self.special_tokens[end_of_turn]  # where a reply ends
+        self.has_tools = chat_format == "nanollama"  # the calculator's tokens exist only in our format
+        self.chat_template = chat_template
+        self.default_system = default_system  # the system message the model's template adds when none is given
+        self.normalizer = normalizer  # 'NFC': unicode-normalize text before encoding (Qwen2's tokenizer does)
         self._json = None
 
     # --- construction ---
@@ -80,32 +111,49 @@ class Tokenizer:
             raise ValueError(f"{source}: not a tokenizer file (expected \"format\": \"{FILE_FORMAT}\")")
         if d.get("version") != FILE_VERSION:
             raise ValueError(f"{source}: tokenizer file version {d.get('version')}, this code reads {FILE_VERSION}")
-        ranks = {base64.b64decode(token): rank for rank, token in enumerate(d["ranks"])}
-        if len(ranks) != len(d["ranks"]):
+        # ranks[i] is the bytes of the token with id i; null where a special token holds the id (imported
+        # tokenizers often put their specials first)
+        ranks = {base64.b64decode(token): rank for rank, token in enumerate(d["ranks"]) if token is not None}
+        if len(ranks) != sum(token is not None for token in d["ranks"]):
             raise ValueError(f"{source}: tokenizer has duplicate tokens")
-        tokenizer = cls(ranks, d["pattern"], d["special_tokens"], name=d.get("name", "bpe"))
+        extra = {key: d[key] for key in OPTIONAL_FIELDS if key in d}
+        tokenizer = cls(ranks, d["pattern"], d["special_tokens"], name=d.get("name", "bpe"), **extra)
         tokenizer._json = text
         return tokenizer
 
     @classmethod
     def from_file(cls, path):
+        """A tokenizer file; 'gpt2' or 'bytes'; or 'hf:DIR', a Hugging Face model folder's tokenizer.json."""
         if path == "gpt2":
             return cls.gpt2()
         if path == "bytes":
             return cls.byte_level()
+        if path.startswith("hf:"):
+            return cls.from_hf(path[len("hf:"):])
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read(), source=path)
         except FileNotFoundError:
             raise FileNotFoundError(f"tokenizer file {path} not found (train one with prepare/tokenizer.py)") from None
 
+    @classmethod
+    def from_hf(cls, folder):
+        """The tokenizer of a Hugging Face model folder (tokenizer.json, tokenizer_config.json); see read_hf_tokenizer."""
+        return cls(**read_hf_tokenizer(folder))
+
     def to_json(self):
         if self._json is None:
-            ranks = [base64.b64encode(token).decode("ascii")
-                     for token, _ in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
-            self._json = json.dumps({"format": FILE_FORMAT, "version": FILE_VERSION, "name": self.name,
-                                     "pattern": self.pattern, "special_tokens": self.special_tokens,
-                                     "ranks": ranks})
+            by_id = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+            ranks = [None] * (by_id[-1][1] + 1)
+            for token, rank in by_id:
+                ranks[rank] = base64.b64encode(token).decode("ascii")
+            d = {"format": FILE_FORMAT, "version": FILE_VERSION, "name": self.name, "pattern": self.pattern,
+                 "special_tokens": self.special_tokens, "ranks": ranks}
+            # the fields of imported tokenizers, written only when set (our own files stay byte-identical)
+            defaults = {"chat_format": "nanollama", "bos_token": "<|bos|>", "chat_template": "", "default_system": "",
+                        "normalizer": ""}
+            d.update({key: getattr(self, key) for key in OPTIONAL_FIELDS if getattr(self, key) != defaults[key]})
+            self._json = json.dumps(d)
         return self._json
 
     def save(self, path):
@@ -121,12 +169,16 @@ class Tokenizer:
 
     def encode(self, text, bos=False):
         """Plain text -> ids. Special-token strings inside text are encoded as ordinary text, never as specials."""
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
         ids = self.encoding.encode_ordinary(text)
         return [self.bos_id] + ids if bos else ids
 
     def encode_batch(self, texts, bos=False, num_threads=8):
         """Many texts at once, on num_threads threads (tiktoken's Rust encoder runs without the GIL)."""
         texts = list(texts)
+        if self.normalizer:
+            texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
         encode = self.encoding.encode_ordinary
         if num_threads <= 1 or len(texts) < 2:
             batches = [encode(t) for t in texts]
@@ -168,6 +220,12 @@ class Tokenizer:
         Assistant content may be a string or a list of parts: {"type": "text"|"python"|"python_output", "text"}.
         """
         check_conversation(messages)
+        if self.chat_format == "none":
+            raise ValueError(f"tokenizer {self.name} has no chat format (its model came without a ChatML or Llama 3 "
+                             "chat template): use it for plain text, or fine-tune a model that has one")
+        if self.chat_format != "nanollama":
+            ids, mask = self._render_imported_format(messages)
+            return (ids[:max_tokens], mask[:max_tokens]) if max_tokens is not None else (ids, mask)
         ids, mask = [self.bos_id], [0]
 
         def add(tokens, trained):
@@ -198,13 +256,60 @@ class Tokenizer:
         return ids, mask
 
     def render_for_completion(self, messages):
-        """A conversation whose last turn is the user's -> ids ending in <|assistant_start|>, ready to sample."""
+        """A conversation whose last turn is the user's -> ids ending with the assistant's header, ready to sample."""
         if messages and messages[-1].get("role") == "assistant":
             raise ValueError("render_for_completion: the last message must be the user's, not the assistant's")
-        # render with a placeholder assistant turn, then cut it off after its start token
-        ids, _ = self.render_conversation(list(messages) + [{"role": "assistant", "content": "x"}])
-        start = len(ids) - 1 - ids[::-1].index(self.special("<|assistant_start|>"))
-        return ids[:start + 1]
+        ids, _ = self.render_conversation(messages)
+        if self.chat_format == "chatml":
+            return ids + [self.special("<|im_start|>")] + self.encode("assistant\n")
+        if self.chat_format == "llama3":
+            return ids + [self.special("<|start_header_id|>")] + self.encode("assistant") + \
+                [self.special("<|end_header_id|>")] + self.encode("\n\n")
+        return ids + [self.special("<|assistant_start|>")]
+
+    def _render_imported_format(self, messages):
+        """
+        ChatML or Llama 3 rendering, token for token what transformers' apply_chat_template gives for these
+        models' templates (text between special tokens is encoded as one piece, as Hugging Face tokenizers do).
+        The mask trains the assistant's content and its end-of-turn token, never the role header.
+        """
+        if self.default_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        ids, mask = [], []
+
+        def add(tokens, trained):
+            ids.extend(tokens)
+            mask.extend([trained] * len(tokens))
+
+        def add_after_header(header, content, trained):
+            # header and content are one piece of text: encode it whole, then train only the tokens that
+            # start after the header's bytes
+            tokens = self.encode(header + content)
+            header_bytes, position = len(header.encode("utf-8")), 0
+            for token in tokens:
+                add([token], trained if position >= header_bytes else 0)
+                position += len(self.decode_bytes([token]))
+
+        if self.chat_format == "llama3":
+            add([self.bos_id], 0)
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if not isinstance(content, str):
+                if any(part["type"] != "text" for part in content):
+                    raise ValueError(f"tool calls need the nanollama chat format; this tokenizer ({self.name}) "
+                                     f"uses {self.chat_format}")
+                content = "".join(part["text"] for part in content)
+            trained = 1 if role == "assistant" else 0
+            if self.chat_format == "chatml":
+                add([self.special("<|im_start|>")], 0)
+                add_after_header(role + "\n", content, trained)
+                add([self.special("<|im_end|>")], trained)
+                add(self.encode("\n"), 0)
+            else:
+                add([self.special("<|start_header_id|>")] + self.encode(role) + [self.special("<|end_header_id|>")], 0)
+                add_after_header("\n\n", content, trained)
+                add([self.special("<|eot_id|>")], trained)
+        return ids, mask
 
 
 def special_tokens_after(first_id):
@@ -242,6 +347,217 @@ def check_conversation(messages):
             offset = len(messages) - len(turns)
             raise ValueError(f"message {i + offset}: expected {'an' if expected == 'assistant' else 'a'} {expected} turn, got {message['role']!r} "
                              "(turns must alternate user/assistant after an optional system message)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json: byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2) in and out
+#
+# A byte-level BPE tokenizer.json holds the vocabulary as strings in GPT-2's byte alphabet (every byte shown
+# as one printable character), the merges in priority order, a pre-tokenizer (the regex split) and the added
+# (special) tokens. tiktoken needs bytes -> rank, with the rank also the id; that is the same BPE when the
+# ids of merged tokens grow in merge order, which read_hf_tokenizer checks.
+
+# GPT-2's pre-split, and SmolLM2's: GPT-2's with every digit its own piece (a Digits pre-tokenizer in front).
+# In SmolLM2's, a whitespace run before a digit ends at the digit, as it does when digits are split first.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_DIGITS_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+# the Jinja chat template of our own format, for exports that transformers reads
+NANOLLAMA_CHAT_TEMPLATE = (
+    "{{ '<|bos|>' }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}")
+
+
+def byte_alphabet():
+    """GPT-2's map byte -> printable character: printable Latin-1 bytes stand for themselves, the others
+    (control characters, space, ...) take the characters from U+0100 on, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+def _read_json(path, required=True):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{path} not found: expected a Hugging Face model folder") from None
+        return {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _token_name(value):
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def split_pattern_of(pre_tokenizer, path):
+    """The one regex that splits text as a tokenizer.json's pre-tokenizer does, or a ValueError."""
+    kind = (pre_tokenizer or {}).get("type")
+    steps = pre_tokenizer.get("pretokenizers", []) if kind == "Sequence" else [pre_tokenizer or {}]
+    kinds = [s.get("type") for s in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if byte_level is None or byte_level.get("add_prefix_space"):
+        raise ValueError(f"{path}: pre-tokenizer {kinds}: only byte-level BPE tokenizers (ending in ByteLevel, "
+                         "without add_prefix_space) can be imported, such as SmolLM2's, Llama 3's and Qwen2's")
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return GPT2_SPLIT_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return GPT2_DIGITS_SPLIT_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
+        split = steps[0]
+        if split.get("behavior") == "Isolated" and not split.get("invert") and "Regex" in split.get("pattern", {}):
+            return split["pattern"]["Regex"]
+    raise ValueError(f"{path}: pre-tokenizer {kinds} is not one this importer knows (ByteLevel; Digits + "
+                     "ByteLevel; an isolating regex Split + ByteLevel)")
+
+
+def hf_folder(name):
+    """
+    The local folder of 'hf:NAME': NAME itself when it is a folder; otherwise a Hub repository id such as
+    HuggingFaceTB/SmolLM2-135M-Instruct, downloaded once (needs internet and the optional huggingface_hub
+    package) into Hugging Face's cache.
+    """
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"hf:{name}: not a folder, nor a Hub repository id like 'owner/name' (expected a "
+                                "Hugging Face model folder with config.json, model.safetensors and tokenizer.json)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"hf:{name}: no such folder; to download it from the Hugging Face Hub, "
+                                "pip install huggingface_hub (or download the folder yourself and give its path)") from None
+    print(f"downloading {name} from the Hugging Face Hub (config, safetensors weights, tokenizer)...", flush=True)
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+
+
+def read_hf_tokenizer(folder):
+    """
+    A Hugging Face folder's byte-level BPE tokenizer as Tokenizer's arguments: ranks, split pattern, special
+    tokens (its added tokens), its chat format read from the chat template in tokenizer_config.json, and the
+    token that starts a document. SentencePiece-style tokenizers (Llama 2, TinyLlama: Metaspace and byte
+    fallback) are refused: their merges work on characters, not bytes, and tiktoken cannot run them.
+    """
+    folder = hf_folder(folder)
+    path = f"{folder}/tokenizer.json"
+    d = _read_json(path)
+    model = d.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(f"{path}: a {model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}"
+                         "; only byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2, GPT-2) can be imported")
+    pattern = split_pattern_of(d.get("pre_tokenizer"), path)
+    normalizer = (d.get("normalizer") or {}).get("type", "")
+    if normalizer not in ("", "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
+    special_tokens = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
+    to_byte = {c: b for b, c in byte_alphabet().items()}
+    ranks = {}
+    for text, token_id in model["vocab"].items():
+        if text in special_tokens:
+            continue
+        try:
+            ranks[bytes(to_byte[c] for c in text)] = token_id
+        except KeyError:
+            raise ValueError(f"{path}: token {text!r} (id {token_id}) is not in the byte-level alphabet") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the 256 byte tokens are missing (e.g. byte {missing[0]})")
+    previous = -1
+    for i, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        merged_id = model["vocab"].get(left + right)
+        if merged_id is None or merged_id <= previous:
+            raise ValueError(f"{path}: merge {i} ({left!r} + {right!r}) does not make a token with a higher id than "
+                             "the merges before it, so tiktoken's BPE (lowest id first) would encode differently")
+        previous = merged_id
+
+    config = _read_json(f"{folder}/tokenizer_config.json", required=False)
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if "<|im_start|>" in template:
+        chat_format = "chatml"
+    elif "<|start_header_id|>" in template:
+        chat_format = "llama3"
+    else:
+        chat_format = "none"
+    default_system = ""
+    if chat_format == "chatml":
+        # SmolLM2's and Qwen2.5's templates open with a fixed system message when the conversation has none
+        found = regex.search(r"'<\|im_start\|>system\\n([^'{}]*)<\|im_end\|>\\n'", template)
+        default_system = found.group(1).replace("\\n", "\n") if found else ""
+    turn_tokens = {"<|im_start|>", "<|im_end|>"}
+    candidates = [_token_name(config.get("bos_token")), "<|endoftext|>", _token_name(config.get("eos_token"))]
+    bos_token = next((t for t in candidates if t in special_tokens and t not in turn_tokens), None)
+    if bos_token is None:
+        raise ValueError(f"{folder}: no token to start documents with (looked for the bos_token of "
+                         "tokenizer_config.json, <|endoftext|> and the eos_token)")
+    return {"mergeable_ranks": ranks, "pattern": pattern, "special_tokens": special_tokens,
+            "name": os.path.basename(os.path.abspath(folder)), "chat_format": chat_format, "bos_token": bos_token,
+            "chat_template": template, "default_system": default_system, "normalizer": normalizer}
+
+
+def merge_parts(token, ranks):
+    """The two tokens BPE joins to make token: its bytes encoded with only the ranks below its own (or None)."""
+    rank = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+        best_rank, i = min(pairs)
+        if best_rank >= rank:
+            return None  # only ever made whole (a pre-split piece that is itself a token)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts if len(parts) == 2 else None
+
+
+def hf_tokenizer_files(tokenizer, max_seq_len):
+    """(tokenizer.json, tokenizer_config.json) as dicts that transformers' PreTrainedTokenizerFast reads."""
+    alphabet = byte_alphabet()
+    as_text = lambda token: "".join(alphabet[b] for b in token)
+    by_rank = sorted(tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1])
+    merges = []
+    for token, _ in by_rank:
+        parts = merge_parts(token, tokenizer.mergeable_ranks) if len(token) > 1 else None
+        if parts:
+            merges.append([as_text(parts[0]), as_text(parts[1])])
+    specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for name, i in specials],
+        "normalizer": {"type": tokenizer.normalizer} if tokenizer.normalizer else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        # ignore_merges: a piece that is a token as a whole is that token, as in tiktoken
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  # the special tokens are in the vocabulary too: Hugging Face gives an added token that is not
+                  # an id after the whole vocabulary instead of the id it names
+                  "vocab": {**{as_text(token): rank for token, rank in by_rank}, **dict(specials)},
+                  "merges": merges},
+    }
+    end_of_turn = CHAT_FORMATS[tokenizer.chat_format]["end_of_turn"] or tokenizer.bos_token
+    template = NANOLLAMA_CHAT_TEMPLATE if tokenizer.chat_format == "nanollama" else tokenizer.chat_template
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+                        "eos_token": end_of_turn, "pad_token": tokenizer.bos_token, "add_bos_token": False,
+                        "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                        "model_max_length": max_seq_len}
+    if template:
+        tokenizer_config["chat_template"] = template
+    return tokenizer_json, tokenizer_config
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from configurator import configure
 from model import (ModelArgs, Transformer, apply_lora, build_model, configure_optimizer, count_params, file_sha256,
                    flops_per_token, lora_state_dict, model_args_from_dict, peak_flops, pick_device, read_checkpoint,
                    save_checkpoint)
-from tokenizer import Tokenizer, open_tokens, read_meta
+from tokenizer import Tokenizer, hf_folder, open_tokens, read_meta
 
 # -----------------------------------------------------------------------------------------------------
 # I/O
@@ -37,7 +37,8 @@ eval_iters = 20  # batches per split per evaluation
 eval_only = False  # evaluate once and exit
 keep_all_checkpoints = False  # also write ckpt_<iter>.pt at every evaluation
 patience = 0  # stop after this many evaluations without a better val loss; 0 = never
-init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | path to a .pt to fine-tune from
+init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt or .safetensors to fine-tune from |
+#                       'hf:DIR' a Hugging Face model folder (or Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)
 overwrite = False  # allow a run from scratch to replace an existing out_dir/ckpt.pt
 wandb_log = False  # also log to Weights & Biases (works offline with WANDB_MODE=offline)
 wandb_project = "nanollama"
@@ -373,7 +374,9 @@ lora_config = None
 if lora_rank and init_from != "resume":
     if checkpoint is not None and "lora" in checkpoint:
         fail(f"init_from={init_from!r} is itself a LoRA checkpoint: fine-tune from its base, or merge it first")
-    base_checkpoint_path = os.path.abspath(init_from)
+    # the base's absolute path ('hf:' + the folder for an imported model), so the adapters find it from anywhere
+    base_checkpoint_path = "hf:" + os.path.abspath(hf_folder(init_from[3:])) if init_from.startswith("hf:") \
+        else os.path.abspath(init_from)
     lora_config = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,
                    "base_checkpoint": base_checkpoint_path, "base_sha256": file_sha256(base_checkpoint_path)}
     try:
@@ -488,6 +491,12 @@ def estimate_loss():
     return result
 
 
+def relative_to(path, folder):
+    """path relative to folder, keeping the 'hf:' of a Hugging Face model folder in front."""
+    prefix = "hf:" if path.startswith("hf:") else ""
+    return prefix + os.path.relpath(path[len(prefix):], os.path.abspath(folder))
+
+
 def make_checkpoint(with_training_state):
     checkpoint = {"model_args": asdict(model_args), "tokenizer": tokenizer.to_json(),
                   "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": data_format,
@@ -498,7 +507,7 @@ def make_checkpoint(with_training_state):
         base = lora_config["base_checkpoint"]
         checkpoint.update({"lora": {k: lora_config[k] for k in ("rank", "alpha", "dropout", "targets")},
                            "adapters": lora_state_dict(raw_model), "base_checkpoint": base,
-                           "base_checkpoint_relative": os.path.relpath(base, os.path.abspath(out_dir)),
+                           "base_checkpoint_relative": relative_to(base, out_dir),
                            "base_sha256": lora_config["base_sha256"]})
     else:
         checkpoint["model"] = raw_model.state_dict()

@@ -186,6 +186,29 @@ def eval_scores(run):
     return scores
 
 
+def paired_difference(run, before="sft", after="rl"):
+    """
+    The change in arithmetic accuracy from one checkpoint to the next, measured on the same problems: the
+    mean of the per-problem differences (+1, 0 or -1) and its standard error. Pairing removes the variation
+    between problems that the two models share, so this error is smaller than either accuracy's own; a
+    change of more than about two of them is beyond evaluation noise. None without both results.
+    """
+    def correct(name):
+        result = read_json(os.path.join(run, "eval", f"{name}_arith.json"))
+        items = ((result or {}).get("tasks", {}).get("gsm8k", {}).get("items")) or []
+        return {item["id"]: item["strict"] is not None and item["strict"] == item["answer"] for item in items}
+
+    a, b = correct(before), correct(after)
+    ids = [i for i in a if i in b]
+    if len(ids) < 2:
+        return None
+    diffs = [int(b[i]) - int(a[i]) for i in ids]
+    d = mean(diffs)
+    variance = sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1)
+    return {"before": before, "after": after, "n": len(ids), "difference": d,
+            "stderr": (variance / len(ids)) ** 0.5, "gained": diffs.count(1), "lost": diffs.count(-1)}
+
+
 def run_c_outputs(run):
     """[(model file, prompt, reply, tok/s)] from logs/run_c.log (speedrun.sh writes '## <model>: <prompt>' first)."""
     outputs = []
@@ -403,6 +426,12 @@ def build_report(run):
             rows.append([f"{r} ({unit})", *cells, base_text, fmt(n_items)])
         modes = [f"{n} ({scores[n].get('_mode', '?')} model)" for n in names]
         md += table(["task", *modes, "random", "n"], rows)
+        change = paired_difference(run)
+        if change:
+            figures["rl_arithmetic_change"] = change
+            md += [f"RL's change in arithmetic accuracy, on the same {change['n']} problems: "
+                   f"**{100 * change['difference']:+.1f} ± {100 * change['stderr']:.1f} points** (paired standard "
+                   f"error; {change['gained']} problems newly right, {change['lost']} newly wrong).", ""]
         md += ["Validation splits (OpenBookQA dev, ARC dev); bpb on the TinyStories val subset; arithmetic on the "
                "held-out test problems of prepare/arithmetic.py, asked as a chat with the calculator (accuracy: the "
                "number after '####' is right; format: there is one). Multiple choice: a base model is scored by "

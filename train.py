@@ -322,6 +322,19 @@ if data_format == "chat":
     log(f"chat data: {n_conversations:,} conversations ({sum(map(len, first_epoch)):,} per epoch), "
         f"{batches_per_epoch:,} batches per epoch; "
         f"{n_truncated:,} longer than block_size={block_size} are truncated")
+    if loss_mask and n_truncated:
+        # a conversation cut before its first assistant token trains nothing (a long system prompt can do it)
+        untrained = 0
+        for n in source_names:
+            mask_tokens = open_tokens(os.path.join(data_dir, n), "train", metas[n], mask=True)
+            untrained += sum(int(mask_tokens[s:s + min(length, block_size + 1)].sum()) == 0
+                             for s, length in zip(*chat_spans[n]["train"]))
+        if untrained == n_conversations:
+            fail(f"no conversation has an assistant token within block_size={block_size} tokens: nothing would "
+                 "train; raise --block_size (a model's default system message can be long)")
+        if untrained:
+            log(f"warning: {untrained:,} conversations have no assistant token within block_size={block_size}; "
+                "they train nothing")
     log(f"loss mask {'ON: the loss counts only the assistant tokens' if loss_mask else 'OFF: the loss counts every token'}"
         f" ({trained if loss_mask else total:,} of {total:,} train tokens)")
     if num_epochs > 0:

@@ -557,9 +557,12 @@ def read_safetensors(path):
                 raise ValueError(f"{path}: tensor {name}: dtype {entry.get('dtype')} is not supported")
             begin, end = entry["data_offsets"]
             expected = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or 8 + header_len + end > size:
-                raise ValueError(f"{path}: tensor {name}: {end - begin} bytes at offset {begin}, expected {expected} "
-                                 f"within the file (truncated or corrupt)")
+            if end - begin != expected:
+                raise ValueError(f"{path}: tensor {name}: {end - begin} bytes, but its dtype and shape need {expected} "
+                                 "(corrupt header)")
+            if 8 + header_len + end > size:
+                raise ValueError(f"{path}: tensor {name} ends at byte {8 + header_len + end} of a {size}-byte file "
+                                 "(truncated: download or copy it again)")
             f.seek(8 + header_len + begin)
             tensors[name] = torch.frombuffer(bytearray(f.read(expected)), dtype=dtype).reshape(entry["shape"]) \
                 if expected else torch.empty(entry["shape"], dtype=dtype)

@@ -270,7 +270,9 @@ class Tokenizer:
     def _render_imported_format(self, messages):
         """
         ChatML or Llama 3 rendering, token for token what transformers' apply_chat_template gives for these
-        models' templates (text between special tokens is encoded as one piece, as Hugging Face tokenizers do).
+        models' templates (text between special tokens is encoded as one piece, as Hugging Face tokenizers do),
+        with one addition for ChatML: the document-start token first (<|endoftext|> for SmolLM2 and Qwen2.5),
+        as every conversation here starts with it, because token files are split into conversations at it.
         The mask trains the assistant's content and its end-of-turn token, never the role header.
         """
         if self.default_system and messages[0]["role"] != "system":
@@ -290,8 +292,7 @@ class Tokenizer:
                 add([token], trained if position >= header_bytes else 0)
                 position += len(self.decode_bytes([token]))
 
-        if self.chat_format == "llama3":
-            add([self.bos_id], 0)
+        add([self.bos_id], 0)  # llama3's <|begin_of_text|>, or ChatML's document separator
         for message in messages:
             role, content = message["role"], message["content"]
             if not isinstance(content, str):
@@ -305,9 +306,9 @@ class Tokenizer:
                 add_after_header(role + "\n", content, trained)
                 add([self.special("<|im_end|>")], trained)
                 add(self.encode("\n"), 0)
-            else:
+            else:  # Llama 3's templates trim each message's content
                 add([self.special("<|start_header_id|>")] + self.encode(role) + [self.special("<|end_header_id|>")], 0)
-                add_after_header("\n\n", content, trained)
+                add_after_header("\n\n", content.strip(), trained)
                 add([self.special("<|eot_id|>")], trained)
         return ids, mask
 

@@ -190,6 +190,23 @@ def test_chat_mode_uses_the_chat_format(trained, run_binary):
     assert tokens_line(c.stdout) == expected
 
 
+def test_threaded_build_matches_single_thread(trained, run_binary, tmp_path):
+    """`make runomp` on 2 threads gives the same tokens as one thread: float32, int8 with the 512-bit kernel
+    (group 64) and with the 256-bit one (group 32), greedy and top-p (rows are split, not their sums)."""
+    omp_binary = compile_run(tmp_path / "runomp", "-O3", "-march=native", "-fopenmp")
+    group32 = export(trained["ckpt"], tmp_path / "model_q8_g32.bin", "--tokenizer_out=", "--quantize=int8",
+                     "--group_size=32")
+    for model_file in (trained["fp32"], trained["int8"], group32):
+        for sampling in (["-t", 0], ["-t", 1.0, "-p", 0.9, "-s", 7]):
+            args = [model_file, "-z", trained["tok"], *sampling, "-n", 48, "-v", 1, "-i", "ROMEO:"]
+            single = tokens_line(run_c(run_binary, *args).stdout)
+            env = {**os.environ, "OMP_NUM_THREADS": "2"}
+            threaded = subprocess.run([str(omp_binary), *map(str, args)], capture_output=True, text=True,
+                                      errors="replace", env=env, timeout=60)
+            assert threaded.returncode == 0, threaded.stderr
+            assert tokens_line(threaded.stdout) == single and len(single) >= 16, (model_file, sampling)
+
+
 def test_sampling_is_seeded(trained, run_binary):
     args = [trained["fp32"], "-z", trained["tok"], "-t", 1.0, "-p", 0.9, "-n", 40, "-v", 1, "-i", "ROMEO:"]
     a = tokens_line(run_c(run_binary, *args, "-s", 42).stdout)

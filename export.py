@@ -53,6 +53,7 @@ The tokenizer file (tokenizer.bin):
 import hashlib
 import json
 import os
+import shlex
 import struct
 import sys
 
@@ -362,6 +363,8 @@ if __name__ == "__main__":
               f"(ids remapped: <|bos|> is 1, byte b is 3 + b)")
     tokenizer_file = tokenizer_out or "tokenizer.bin"
     if checkpoint.get("data_format") == "chat":
-        print(f"a chat model: ./run {out} -z {tokenizer_file} -m chat")
+        # an imported ChatML template's default system message is not in the tokenizer file: pass it with -y
+        system = f" -y {shlex.quote(tokenizer.default_system)}" if tokenizer.default_system else ""
+        print(f"a chat model ({tokenizer.chat_format} chat format): ./run {out} -z {tokenizer_file} -m chat{system}")
     else:
         print(f"run it: ./run {out} -z {tokenizer_file} -i \"Once upon a time\"")

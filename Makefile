@@ -7,11 +7,13 @@ run: run.c
 
 # for this machine: -march=native enables AVX2 / AVX-512 VNNI int8 kernels and wide float vectors.
 # No -ffast-math: the float reductions are vectorized with `omp simd` pragmas instead, so NaN and
-# infinity handling and expf stay exact; only the order of additions in dot products changes.
+# infinity handling stay exact; only the order of additions in dot products changes (the softmaxes use
+# run.c's own vectorizable e^x, within float rounding of expf).
 runfast: run.c
 	$(CC) -O3 -march=native -fopenmp-simd -o run run.c -lm
 
-# the same with OpenMP threads: OMP_NUM_THREADS=2 ./run model.bin ...
+# the same with OpenMP threads: OMP_NUM_THREADS=2 ./run model.bin ... (the build bench/run_c.py measures;
+# rows of each matmul and heads of attention are split between the threads, so results equal one thread's)
 runomp: run.c
 	$(CC) -O3 -march=native -fopenmp -o run run.c -lm
 

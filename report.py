@@ -387,16 +387,17 @@ def build_report(run):
                     [[fmt(summary["steps"]), fmt(summary["first_steps_reward"]), fmt(summary["last_steps_reward"]),
                       fmt(int(summary["sampled_tokens_per_sec"])), fmt(summary["mean_reply_tokens"], 1),
                       duration(summary["train_time_s"]), duration(busy.get("4 rl"))]])
-        rows = []
-        for which in ("first", "last"):
-            e = summary.get(f"{which}_eval")
-            if e:
-                rows.append([fmt(e["iter"]), fmt(e["n_problems"]), f"{fmt(e['accuracy'])} ± {fmt(e['accuracy_stderr'])}",
-                             fmt(e.get("pass_at_1")), fmt(e.get("pass_at_k")), fmt(e.get("mean_reward"))])
+        evals = [e for e in (summary.get("first_eval"), summary.get("last_eval")) if e]
+        # pass@1, pass@K and the mean reward need samples (rl.py's eval_samples > 0); greedy accuracy is always there
+        sampled = any(e.get("pass_at_1") is not None for e in evals)
+        rows = [[fmt(e["iter"]), fmt(e["n_problems"]), f"{fmt(e['accuracy'])} ± {fmt(e['accuracy_stderr'])}"]
+                + ([fmt(e.get("pass_at_1")), fmt(e.get("pass_at_k")), fmt(e.get("mean_reward"))] if sampled else [])
+                for e in evals]
         if rows:
-            k = (summary.get("first_eval") or {}).get("k") or "K"
+            k = evals[0].get("k") or "K"
             md += ["Held-out problems (rl.py's evaluation):", ""]
-            md += table(["step", "problems", "greedy accuracy", "pass@1", f"pass@{k}", "mean reward"], rows)
+            md += table(["step", "problems", "greedy accuracy"] + (["pass@1", f"pass@{k}", "mean reward"] if sampled else []),
+                        rows)
         if os.path.exists(os.path.join(run, "rl", "reward.png")):
             md += ["![rl reward](rl/reward.png)", ""]
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA, shared_file
+from report import paired_difference
 
 
 def speedrun(*args, env=None, timeout=600):
@@ -62,6 +63,7 @@ def test_report_card_has_a_table_per_stage_and_the_pictures(ci_run):
                     "## 6. Export", "## 7. C inference"):
         assert heading in report
     assert "(did not run)" not in report
+    assert "RL's change in arithmetic accuracy, on the same 50 problems" in report  # the paired comparison
     for picture in ("base/loss.png", "sft/loss.png", "rl/reward.png", "scores.png"):
         assert f"]({picture})" in report and (run / picture).stat().st_size > 1000
     figures = json.loads((run / "report.json").read_text())
@@ -69,6 +71,24 @@ def test_report_card_has_a_table_per_stage_and_the_pictures(ci_run):
     assert {r["model"] for r in replies} == {"model.bin", "model_int8.bin"}
     assert all(r["reply"] and r["tokens_per_sec"] > 0 for r in replies)
     assert figures["base"]["tokens_per_sec"] > 0 and figures["base"]["model"]["parameters"] > 0
+
+
+def test_paired_difference_of_arithmetic_accuracy(tmp_path):
+    # 10 problems: 6 right before and after, 3 newly right, 1 newly wrong -> +0.2, paired over problems
+    before = [True] * 6 + [False] * 3 + [True]
+    after = [True] * 6 + [True] * 3 + [False]
+    (tmp_path / "eval").mkdir()
+    for name, right in (("sft", before), ("rl", after)):
+        items = [{"id": f"p{i}", "answer": "7", "strict": "7" if ok else ("8" if i % 2 else None)}
+                 for i, ok in enumerate(right)]
+        (tmp_path / "eval" / f"{name}_arith.json").write_text(json.dumps({"tasks": {"gsm8k": {"items": items}}}))
+    change = paired_difference(str(tmp_path))
+    assert (change["n"], change["gained"], change["lost"]) == (10, 3, 1)
+    assert change["difference"] == pytest.approx(0.2)
+    diffs = [1, 1, 1, -1] + [0] * 6  # sample std of the differences over sqrt(n)
+    mean = sum(diffs) / 10
+    assert change["stderr"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 9 / 10) ** 0.5)
+    assert paired_difference(str(tmp_path / "elsewhere")) is None
 
 
 def test_report_of_an_empty_run_says_what_did_not_run(tmp_path):

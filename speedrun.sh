@@ -5,7 +5,7 @@
 #   calls) -> RL on arithmetic -> evaluation (bpb, OpenBookQA, ARC-Easy, ARC-Challenge validation, arithmetic)
 #   -> export (fp32, int8) -> ./run answering a prompt in C -> report.md
 #
-#   bash speedrun.sh                                  # the 2-core CPU preset (about 20 minutes), downloads the data
+#   bash speedrun.sh                                  # the 2-core CPU preset (about 15 minutes), downloads the data
 #   bash speedrun.sh --data_dir=../shared/data        # the same from a local copy (offline)
 #   PRESET=ci bash speedrun.sh --data_dir=../shared/data    # a few minutes, tiny model (the test suite runs it)
 #   PRESET=gpu bash speedrun.sh                       # one GPU (NOT MEASURED: see the preset below)
@@ -56,7 +56,7 @@ case $PRESET in
             --format_reward=1.0 --eval_interval=30 --eval_problems=50 --eval_samples=4"
         EVAL_LIMIT=50; ARITH_EVAL_LIMIT=50
         ;;
-    cpu)  # the 2-core CPU preset: about 20 minutes end to end (see README for the measured figures)
+    cpu)  # the 2-core CPU preset: 14m16s end to end measured, at most 20 minutes (README has the figures)
         TINYSTORIES_TRAIN_BYTES=20000000; TINYSTORIES_VAL_BYTES=1000000
         VOCAB_SIZE=4096; TOKENIZER_CHARS=20000000
         MODEL="--dim=192 --n_layers=4 --n_heads=4"

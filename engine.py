@@ -21,6 +21,7 @@ import operator
 import re
 import signal
 import threading
+import warnings
 
 # -----------------------------------------------------------------------------------------------------
 # the calculator
@@ -128,7 +129,9 @@ def calculator(expression):
     if len(expression) > MAX_EXPRESSION_CHARS:
         return "error: expression too long"
     try:
-        tree = ast.parse(expression, mode="eval")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # '1if'-like model output gets an error reply, not a warning
+            tree = ast.parse(expression, mode="eval")
     except (SyntaxError, ValueError):
         return "error: not a valid expression"
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:

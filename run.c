@@ -982,6 +982,12 @@ static void report_speed(int n_timed, double t_start) {
     if (n_timed > 0 && elapsed > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / elapsed);
 }
 
+// generate mode also says what share of that time the sampler took (top-p should stay a small part of a step)
+static void report_sampling(int n_timed, double t_start, double time_sampling) {
+    double elapsed = time_s() - t_start;
+    if (n_timed > 0 && elapsed > 0) fprintf(stderr, "sampling: %.1f%% of the time\n", 100.0 * time_sampling / elapsed);
+}
+
 static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *prompt, int steps,
                      int print_first_logits, int show_tokens) {
     int *text_ids;
@@ -995,13 +1001,15 @@ static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const ch
     int max_len = n_prompt + steps < seq_len ? n_prompt + steps : seq_len;
     fputs(prompt, stdout);
     fflush(stdout);
-    double t_start = 0.0;
+    double t_start = 0.0, time_sampling = 0.0;
     int n_generated = 0, n_timed = 0;
     for (int pos = 0; pos + 1 < max_len; pos++) {
         float *logits = forward(tr, tokens[pos], pos);
         if (pos + 1 < n_prompt) continue;  // still reading the prompt
         if (print_first_logits && n_generated == 0) print_logits(logits, tr->config.vocab_size);
+        double t_sample = time_s();
         int next = sample(sampler, logits);
+        if (n_generated > 0) time_sampling += time_s() - t_sample;  // within the timed span
         tokens[pos + 1] = next;
         n_generated++;
         if (n_generated == 1) t_start = time_s();  // like llama2.c: time from the first sampled token on
@@ -1015,6 +1023,7 @@ static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const ch
         for (int i = n_prompt; i < n_prompt + n_generated; i++) printf(" %d", tokens[i]);
         printf("\n");
     }
+    report_sampling(n_timed, t_start, time_sampling);
     report_speed(n_timed, t_start);
     free(tokens);
 }

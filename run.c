@@ -1044,22 +1044,98 @@ static void push(int *pending, int *n_pending, int id, int pos, int seq_len) {
 }
 
 /*
-Chat with the format of tokenizer.render_conversation:
-    <|bos|> [<|system_start|> system <|system_end|>] <|user_start|> user <|user_end|> <|assistant_start|> ...
-The assistant's turn ends at <|assistant_end|>. The first user message comes from -i (or stdin), the following
-ones from stdin; the conversation continues in the KV cache until end of input or the end of the context.
-Tool calls are shown as [calculator: ...] but not run: run.c has no calculator.
+Chat in the format of tokenizer.render_conversation, chosen by the special tokens the tokenizer file has:
+    ours     <|bos|> [<|system_start|> system <|system_end|>] <|user_start|> user <|user_end|> <|assistant_start|> ...
+             the assistant's turn ends at <|assistant_end|>
+    ChatML   (SmolLM2, Qwen2.5) <|endoftext|> <|im_start|>"user\n" user<|im_end|>"\n" <|im_start|>"assistant\n" ...
+             ends at <|im_end|>; role header and content are encoded as one piece, as Hugging Face does
+    Llama 3  <|begin_of_text|> <|start_header_id|>user<|end_header_id|>"\n\n" user<|eot_id|> ... ends at <|eot_id|>
+The first user message comes from -i (or stdin), the following ones from stdin; the conversation continues in the
+KV cache until end of input or the end of the context. A ChatML template's default system message (SmolLM2's,
+Qwen2.5's) is not in the tokenizer file: export.py prints it, pass it with -y. Tool calls are shown as
+[calculator: ...] but not run: run.c has no calculator.
 */
+enum { FORMAT_OURS, FORMAT_CHATML, FORMAT_LLAMA3 };
+
+typedef struct {
+    int format;
+    int ids[6];  // ours: user/assistant/system start and end; ChatML: im_start, im_end; Llama 3: header start/end, eot
+    int end_of_turn;
+} ChatFormat;
+
+static ChatFormat chat_format(const Tokenizer *tok) {
+    static const char *ours[] = {"<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                                 "<|system_start|>", "<|system_end|>"};
+    static const char *chatml[] = {"<|im_start|>", "<|im_end|>"};
+    static const char *llama3[] = {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"};
+    ChatFormat f = {0};
+    const char **names = ours;
+    int n = 6;
+    if (special_id(tok, "<|user_start|>") < 0 && special_id(tok, "<|im_start|>") >= 0) {
+        f.format = FORMAT_CHATML, names = chatml, n = 2;
+    } else if (special_id(tok, "<|user_start|>") < 0 && special_id(tok, "<|start_header_id|>") >= 0) {
+        f.format = FORMAT_LLAMA3, names = llama3, n = 3;
+    }
+    for (int i = 0; i < n; i++) {
+        f.ids[i] = special_id(tok, names[i]);
+        if (f.ids[i] < 0) fail("the tokenizer has no %s token; chat mode needs the chat special tokens", names[i]);
+    }
+    f.end_of_turn = f.format == FORMAT_OURS ? f.ids[3] : f.format == FORMAT_CHATML ? f.ids[1] : f.ids[2];
+    return f;
+}
+
+// push the tokens of a + b, encoded as one piece of text
+static void push_text(const Tokenizer *tok, int *pending, int *n_pending, const char *a, const char *b, int pos,
+                      int seq_len) {
+    size_t la = strlen(a), lb = strlen(b);
+    char *text = xmalloc(la + lb + 1);
+    memcpy(text, a, la);
+    memcpy(text + la, b, lb + 1);
+    int *ids, n = encode(tok, text, &ids);
+    for (int i = 0; i < n; i++) push(pending, n_pending, ids[i], pos, seq_len);
+    free(ids);
+    free(text);
+}
+
+// a whole turn (role "system" or "user"), or with content NULL the header that starts the assistant's turn
+static void push_turn(const Tokenizer *tok, const ChatFormat *f, int *pending, int *n_pending, const char *role,
+                      const char *content, int pos, int seq_len) {
+    if (f->format == FORMAT_OURS) {
+        int system = role[0] == 's';
+        if (!content) { push(pending, n_pending, f->ids[2], pos, seq_len); return; }
+        push(pending, n_pending, f->ids[system ? 4 : 0], pos, seq_len);
+        push_text(tok, pending, n_pending, "", content, pos, seq_len);
+        push(pending, n_pending, f->ids[system ? 5 : 1], pos, seq_len);
+    } else if (f->format == FORMAT_CHATML) {
+        char header[32];
+        snprintf(header, sizeof(header), "%s\n", content ? role : "assistant");
+        push(pending, n_pending, f->ids[0], pos, seq_len);
+        push_text(tok, pending, n_pending, header, content ? content : "", pos, seq_len);
+        if (!content) return;
+        push(pending, n_pending, f->ids[1], pos, seq_len);
+        push_text(tok, pending, n_pending, "\n", "", pos, seq_len);
+    } else {
+        push(pending, n_pending, f->ids[0], pos, seq_len);
+        push_text(tok, pending, n_pending, content ? role : "assistant", "", pos, seq_len);
+        push(pending, n_pending, f->ids[1], pos, seq_len);
+        if (!content) { push_text(tok, pending, n_pending, "\n\n", "", pos, seq_len); return; }
+        // Llama 3's templates trim the content
+        const char *start = content, *end = content + strlen(content);
+        while (*start && isspace((unsigned char)*start)) start++;
+        while (end > start && isspace((unsigned char)end[-1])) end--;
+        char *trimmed = xmalloc((size_t)(end - start) + 1);
+        memcpy(trimmed, start, (size_t)(end - start));
+        trimmed[end - start] = '\0';
+        push_text(tok, pending, n_pending, "\n\n", trimmed, pos, seq_len);
+        free(trimmed);
+        push(pending, n_pending, f->ids[2], pos, seq_len);
+    }
+}
+
 static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *first_message,
                  const char *system_prompt, int steps, int show_tokens) {
-    const char *names[] = {"<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                           "<|system_start|>", "<|system_end|>"};
-    int ids[6];
-    for (int i = 0; i < 6; i++) {
-        ids[i] = special_id(tok, names[i]);
-        if (ids[i] < 0) fail("the tokenizer has no %s token; chat mode needs the chat special tokens", names[i]);
-    }
-    int user_start = ids[0], user_end = ids[1], assistant_start = ids[2], assistant_end = ids[3];
+    ChatFormat format = chat_format(tok);
+    int end_of_turn = format.end_of_turn;
     int seq_len = tr->config.seq_len, pos = 0, carry = -1;  // carry: the last sampled token, not yet fed
     int *pending = xmalloc((size_t)seq_len * sizeof(int));  // tokens to feed before the answer
     int *answer = xmalloc((size_t)seq_len * sizeof(int));   // the sampled tokens of the answer, for -v
@@ -1076,23 +1152,17 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
             message = line;
         }
         int n_pending = 0;
-        if (carry >= 0) push(pending, &n_pending, carry, pos, seq_len);
+        if (carry >= 0) {
+            push(pending, &n_pending, carry, pos, seq_len);
+            if (format.format == FORMAT_CHATML) push_text(tok, pending, &n_pending, "\n", "", pos, seq_len);
+        }
         if (turn == 0) {
             push(pending, &n_pending, tok->bos_id, pos, seq_len);
-            if (system_prompt && system_prompt[0]) {
-                int *sys_ids, n_sys = encode(tok, system_prompt, &sys_ids);
-                push(pending, &n_pending, ids[4], pos, seq_len);
-                for (int i = 0; i < n_sys; i++) push(pending, &n_pending, sys_ids[i], pos, seq_len);
-                push(pending, &n_pending, ids[5], pos, seq_len);
-                free(sys_ids);
-            }
+            if (system_prompt && system_prompt[0])
+                push_turn(tok, &format, pending, &n_pending, "system", system_prompt, pos, seq_len);
         }
-        int *user_ids, n_user = encode(tok, message, &user_ids);
-        push(pending, &n_pending, user_start, pos, seq_len);
-        for (int i = 0; i < n_user; i++) push(pending, &n_pending, user_ids[i], pos, seq_len);
-        free(user_ids);
-        push(pending, &n_pending, user_end, pos, seq_len);
-        push(pending, &n_pending, assistant_start, pos, seq_len);
+        push_turn(tok, &format, pending, &n_pending, "user", message, pos, seq_len);
+        push_turn(tok, &format, pending, &n_pending, "assistant", NULL, pos, seq_len);
         float *logits = NULL;
         for (int i = 0; i < n_pending; i++) logits = forward(tr, pending[i], pos++);
         printf("Assistant: ");
@@ -1101,7 +1171,7 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
         for (;;) {
             next = sample(sampler, logits);
             n_new++;
-            if (next == assistant_end || next == tok->bos_id || pos >= seq_len || (steps > 0 && n_new > steps)) break;
+            if (next == end_of_turn || next == tok->bos_id || pos >= seq_len || (steps > 0 && n_new > steps)) break;
             answer[n_answer++] = next;
             print_token(tok, next);
             logits = forward(tr, next, pos++);
@@ -1114,9 +1184,9 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
             for (int i = 0; i < n_answer; i++) printf(" %d", answer[i]);
             printf("\n");
         }
-        if (next != assistant_end) {
+        if (next != end_of_turn) {
             if (pos >= seq_len) { fprintf(stderr, "(the context of %d tokens is full)\n", seq_len); break; }
-            next = assistant_end;  // cut off by -n or ended by <|bos|>: close the turn as the format wants
+            next = end_of_turn;  // cut off by -n or ended by <|bos|>: close the turn as the format wants
         }
         carry = next;
     }

@@ -249,21 +249,53 @@ def test_lora_fine_tune_of_an_imported_model(llama_folder, tmp_path):
     sample = run_stage("sample.py", f"--ckpt={out / 'ckpt.pt'}", "--start=What is 3 times 4?", "--temperature=0",
                        "--max_new_tokens=24", "--show_tokens=True")
     python_tokens = [int(t) for t in sample.stdout.split("tokens:")[1].split()]
+    binary = run_c_binary(tmp_path)
+    export = run_stage("export.py", f"--ckpt={out / 'ckpt.pt'}", f"--out={tmp_path / 'model.bin'}",
+                       f"--tokenizer_out={tmp_path / 'tokenizer.bin'}")
+    assert "-m chat -y 'You are a helpful AI assistant named SmolLM" in export.stdout  # the template's system message
+    prompt = tokenizer.decode(tokenizer.encode("To be, or not to be"))
+    c_tokens = run_c_tokens(binary, tmp_path, "-i", prompt)
+    start = tokenizer.encode(prompt, bos=True)
+    expected = [t[0] for t, _ in model.generate(start, 40, temperature=0, stop_tokens=[tokenizer.bos_id])]
+    assert c_tokens == expected and len(expected) == 40
+    # chat mode in ChatML: run.c's reply is sample.py's (which adds the default system message run.c gets by -y)
+    c_reply = run_c_tokens(binary, tmp_path, "-m", "chat", "-y", tokenizer.default_system, "-i", "What is 3 times 4?")
+    assert c_reply == python_tokens[:len(c_reply)] and len(c_reply) > 0
+    assert python_tokens[len(c_reply)] == tokenizer.assistant_end_id  # both ended the turn at <|im_end|>
+
+
+def run_c_binary(tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler for run.c")
     binary = tmp_path / "run"
     subprocess.run([cc, "-O2", "-o", str(binary), str(REPO / "run.c"), "-lm"], check=True)
-    run_stage("export.py", f"--ckpt={out / 'ckpt.pt'}", f"--out={tmp_path / 'model.bin'}",
+    return binary
+
+
+def run_c_tokens(binary, folder, *args, n=40):
+    """The token ids ./run prints with -v 1, greedy."""
+    c = subprocess.run([str(binary), str(folder / "model.bin"), "-z", str(folder / "tokenizer.bin"), "-t", "0",
+                        "-n", str(n), "-v", "1", *args], capture_output=True, check=True, stdin=subprocess.DEVNULL)
+    return [int(t) for t in c.stdout.decode("utf-8", "replace").split("tokens:")[1].splitlines()[0].split()]
+
+
+def test_run_c_chats_in_llama3_format(tmp_path):
+    build_hf_tokenizer(tmp_path, "split", LLAMA3_SPECIALS, LLAMA3_TEMPLATE)
+    build_hf_model(tmp_path, "llama", tie_word_embeddings=True, rope_theta=500000.0)
+    model, tokenizer, _ = load_checkpoint(f"hf:{tmp_path}")
+    run_stage("export.py", f"--ckpt=hf:{tmp_path}", f"--out={tmp_path / 'model.bin'}",
               f"--tokenizer_out={tmp_path / 'tokenizer.bin'}")
-    prompt = tokenizer.decode(tokenizer.encode("To be, or not to be"))
-    c = subprocess.run([str(binary), str(tmp_path / "model.bin"), "-z", str(tmp_path / "tokenizer.bin"), "-t", "0",
-                        "-n", "40", "-i", prompt, "-v", "1"], capture_output=True, check=True)
-    c_tokens = [int(t) for t in c.stdout.decode("utf-8", "replace").split("tokens:")[1].split()]
-    start = tokenizer.encode(prompt, bos=True)
-    expected = [t[0] for t, _ in model.generate(start, 40, temperature=0, stop_tokens=[tokenizer.bos_id])]
-    assert c_tokens == expected and len(expected) == 40
-    assert len(python_tokens) > 0
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Name three colours. "}]
+    prompt = tokenizer.render_for_completion(messages)
+    expected = []
+    for tokens, _ in model.generate(prompt, 30, temperature=0, stop_tokens=[tokenizer.assistant_end_id, tokenizer.bos_id]):
+        if tokens[0] in (tokenizer.assistant_end_id, tokenizer.bos_id):
+            break
+        expected.append(tokens[0])
+    got = run_c_tokens(run_c_binary(tmp_path), tmp_path, "-m", "chat", "-y", "Be brief.", "-i", "  Name three colours. ",
+                       n=30)
+    assert got == expected and len(got) > 0
 
 
 def test_vocabulary_above_65536_uses_uint32_token_files(tmp_path):

@@ -665,19 +665,13 @@ def read_hf_checkpoint(folder):
     tokenizer.json, tokenizer_config.json) as a checkpoint dict like train.py's: weights renamed and their
     RoPE rows reordered for model.py, in float32; the tokenizer with the model's own chat format.
     """
-    from tokenizer import Tokenizer, hf_folder
+    from tokenizer import Tokenizer, hf_folder, read_json_file
     folder = hf_folder(folder)
     config_path = os.path.join(folder, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face model folder") from None
-    args = hf_model_args(config, config_path)
+    args = hf_model_args(read_json_file(config_path), config_path)
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json_file(index_path)["weight_map"].values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         shards = ["model.safetensors"]
     else:
@@ -700,8 +694,6 @@ def read_hf_checkpoint(folder):
             elif ".attention.wk." in ours:
                 tensor = rope_halves_to_pairs(tensor, args.n_kv_heads)
             state[ours] = tensor
-    if args.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]  # our state dicts name the shared matrix twice
     tokenizer = Tokenizer.from_hf(folder)
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size "
@@ -763,7 +755,12 @@ def model_args_from_dict(d, source="checkpoint"):
 
 
 def load_state_dict_checked(model, state_dict, source):
-    """load_state_dict with an error that names the mismatched tensors and their shapes."""
+    """
+    load_state_dict with an error that names the mismatched tensors and their shapes. A tied head may be left
+    out (safetensors files store the shared matrix once, under the embedding's name).
+    """
+    if model.args.tie_embeddings and "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -793,10 +790,7 @@ def read_checkpoint(path, device="cpu"):
         if metadata.get("format") != "nanollama":
             raise ValueError(f"{path}: not written by export.py --format safetensors (no nanollama metadata); "
                              "for a Hugging Face folder use hf:DIR")
-        model_args = json.loads(metadata["model_args"])
-        if model_args.get("tie_embeddings") and "tok_embeddings.weight" in tensors:
-            tensors["output.weight"] = tensors["tok_embeddings.weight"]  # written once, named twice in a state dict
-        return {"model_args": model_args, "model": tensors, "tokenizer": metadata["tokenizer"],
+        return {"model_args": json.loads(metadata["model_args"]), "model": tensors, "tokenizer": metadata["tokenizer"],
                 "tokenizer_sha256": metadata["tokenizer_sha256"], "data_format": metadata["data_format"],
                 "iter_num": int(metadata.get("iter_num", 0))}
     if not os.path.exists(path):

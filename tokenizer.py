@@ -49,7 +49,9 @@ CHAT_FORMATS = {
 
 FILE_FORMAT = "tokenizer"
 FILE_VERSION = 1
-OPTIONAL_FIELDS = ("chat_format", "bos_token", "chat_template", "default_system", "normalizer")
+# the tokenizer file's fields for imported tokenizers, with the values of our own (written only when they differ)
+OPTIONAL_FIELDS = {"chat_format": "nanollama", "bos_token": "<|bos|>", "chat_template": "", "default_system": "",
+                   "normalizer": ""}
 
 
 class Tokenizer:
@@ -150,9 +152,8 @@ class Tokenizer:
             d = {"format": FILE_FORMAT, "version": FILE_VERSION, "name": self.name, "pattern": self.pattern,
                  "special_tokens": self.special_tokens, "ranks": ranks}
             # the fields of imported tokenizers, written only when set (our own files stay byte-identical)
-            defaults = {"chat_format": "nanollama", "bos_token": "<|bos|>", "chat_template": "", "default_system": "",
-                        "normalizer": ""}
-            d.update({key: getattr(self, key) for key in OPTIONAL_FIELDS if getattr(self, key) != defaults[key]})
+            d.update({key: getattr(self, key) for key, default in OPTIONAL_FIELDS.items()
+                      if getattr(self, key) != default})
             self._json = json.dumps(d)
         return self._json
 
@@ -384,7 +385,8 @@ def byte_alphabet():
     return alphabet
 
 
-def _read_json(path, required=True):
+def read_json_file(path, required=True):
+    """A JSON file of a Hugging Face folder; errors name the file. Not required and missing: {}."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -451,7 +453,7 @@ def read_hf_tokenizer(folder):
     """
     folder = hf_folder(folder)
     path = f"{folder}/tokenizer.json"
-    d = _read_json(path)
+    d = read_json_file(path)
     model = d.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ValueError(f"{path}: a {model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}"
@@ -482,7 +484,7 @@ def read_hf_tokenizer(folder):
                              "the merges before it, so tiktoken's BPE (lowest id first) would encode differently")
         previous = merged_id
 
-    config = _read_json(f"{folder}/tokenizer_config.json", required=False)
+    config = read_json_file(f"{folder}/tokenizer_config.json", required=False)
     template = config.get("chat_template") or ""
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])

@@ -880,11 +880,13 @@ static int sample_from(const float *probs, int n, float coin) {
     return n - 1;  // rounding
 }
 
-// total probability of the tokens >= threshold (a branch-free loop the compiler vectorizes)
-static float mass_at_least(const float *probs, int n, float threshold) {
+// total probability and number of the tokens >= threshold (a branch-free loop the compiler vectorizes)
+static float mass_at_least(const float *probs, int n, float threshold, int *count) {
     float mass = 0.0f;
-    #pragma omp simd reduction(+:mass)
-    for (int i = 0; i < n; i++) mass += probs[i] >= threshold ? probs[i] : 0.0f;
+    int k = 0;
+    #pragma omp simd reduction(+:mass, k)
+    for (int i = 0; i < n; i++) { mass += probs[i] >= threshold ? probs[i] : 0.0f; k += probs[i] >= threshold; }
+    *count = k;
     return mass;
 }
 
@@ -903,25 +905,65 @@ static float nucleus_mass(const float *probs, int from, int to, float threshold,
     return mass;
 }
 
+// the ids of the tokens with lo <= p < hi, at most `max` of them; blocks holding none are skipped by a vectorized count
+static int tokens_between(const float *probs, int n, float lo, float hi, int *ids, int max) {
+    int found = 0;
+    for (int start = 0; start < n; start += 32) {
+        int end = start + 32 < n ? start + 32 : n, hits = 0;
+        #pragma omp simd reduction(+:hits)
+        for (int i = start; i < end; i++) hits += (probs[i] >= lo) & (probs[i] < hi);  // & not &&: no branch
+        for (int i = start; hits && i < end && found < max; i++) if (probs[i] >= lo && probs[i] < hi) ids[found++] = i;
+    }
+    return found;
+}
+
+#define TOPP_FEW 64  // bisection stops once this few tokens are left around the boundary; they are sorted instead
+
 /*
-Top-p without sorting the vocabulary: the nucleus boundary is found by bisection, the smallest probability t such
-that the tokens >= t hold at least p of the mass. Positive floats order like their bit patterns, so ~25 vectorized
-passes over the probabilities find t exactly; the search starts at (1 - p) / (n - 1), below which no token can be in
-the nucleus (llama2.c's cutoff). No candidate list, no sort: flat logits (a young model) cost what peaked ones do.
-The nucleus is every token > t plus, among those equal to t, as many as needed in id order; it is sampled in id
-order, skipping whole blocks by their nucleus mass as sample_from does.
+Top-p without sorting the vocabulary. The nucleus boundary is the smallest probability t such that the tokens >= t
+hold at least p of the mass; the nucleus is every token > t plus, among those equal to t, as many as needed in id
+order (what a stable sort by probability would take). t is found by bisection: positive floats order like their bit
+patterns, so each vectorized pass over the probabilities halves a range [lo, hi) of bit patterns that holds t, and
+counts the tokens in it. The search starts at (1 - p) / (n - 1), below which no token can be in the nucleus
+(llama2.c's cutoff). Once at most TOPP_FEW tokens lie in the range, they are copied out, sorted by probability, and
+t is read off their running mass: 11 passes on the flat logits of a random 32000-token model, 1 on peaked ones,
+where bisecting down to a single bit pattern took ~26. Ties that keep more than TOPP_FEW tokens in the range are
+bisected to the end. The nucleus is then sampled in id order, skipping whole blocks by their nucleus mass as
+sample_from does.
 */
 static int sample_topp(const float *probs, int n, float topp, float coin) {
     float max_prob = max_of(probs, n), cutoff = n > 1 ? (1.0f - topp) / (n - 1) : 0.0f;
     uint32_t lo = cutoff < max_prob ? bits_of_float(cutoff) : 0, hi = bits_of_float(max_prob) + 1;
-    while (hi - lo > 1) {  // mass(>= lo) >= topp > mass(>= hi)
+    int count_lo = n, count_hi = 0, count;  // count_lo >= the number of tokens >= lo (exact once lo has moved)
+    float mass_hi = 0.0f;                   // the mass of the tokens >= hi
+    while (hi - lo > 1 && count_lo - count_hi > TOPP_FEW) {  // mass(>= lo) >= topp > mass(>= hi)
         uint32_t mid = lo + (hi - lo) / 2;
-        if (mass_at_least(probs, n, float_of_bits(mid)) >= topp) lo = mid;
-        else hi = mid;
+        float mass = mass_at_least(probs, n, float_of_bits(mid), &count);
+        if (mass >= topp) { lo = mid; count_lo = count; }
+        else { hi = mid; count_hi = count; mass_hi = mass; }
     }
-    float threshold = float_of_bits(lo), mass = mass_at_least(probs, n, float_of_bits(lo + 1));  // mass(> t)
+    float threshold, mass;
     int last_tie = -1;
-    for (int i = 0; i < n && mass < topp; i++) if (probs[i] == threshold) { mass += probs[i]; last_tie = i; }
+    if (hi - lo == 1) {  // t = lo exactly: take the tokens > t, then ties at t in id order until the mass is reached
+        threshold = float_of_bits(lo);
+        mass = mass_at_least(probs, n, float_of_bits(hi), &count);
+        for (int i = 0; i < n && mass < topp; i++) if (probs[i] == threshold) { mass += probs[i]; last_tie = i; }
+    } else {  // few tokens left in [lo, hi): add them to mass_hi from the most probable (first id among equals)
+        int ids[TOPP_FEW];
+        int few = tokens_between(probs, n, float_of_bits(lo), float_of_bits(hi), ids, TOPP_FEW);
+        for (int a = 1; a < few; a++) {  // insertion sort by probability, descending; ids stay ascending among ties
+            int id = ids[a], b = a;
+            for (; b > 0 && probs[ids[b - 1]] < probs[id]; b--) ids[b] = ids[b - 1];
+            ids[b] = id;
+        }
+        mass = mass_hi;
+        threshold = few ? probs[ids[few - 1]] : float_of_bits(lo);  // (rounding: the sum fell short, take them all)
+        last_tie = few ? ids[few - 1] : -1;
+        for (int a = 0; a < few; a++) {
+            mass += probs[ids[a]];
+            if (mass >= topp) { threshold = probs[ids[a]]; last_tie = ids[a]; break; }
+        }
+    }
     if (!(mass > 0.0f)) return argmax(probs, n);  // NaN probabilities
     float r = coin * mass, cdf = 0.0f;
     int i = 0;

@@ -207,6 +207,55 @@ def test_threaded_build_matches_single_thread(trained, run_binary, tmp_path):
             assert tokens_line(threaded.stdout) == single and len(single) >= 16, (model_file, sampling)
 
 
+def nucleus_rank_limit(probs, top_p):
+    """How many of the most probable tokens the nucleus holds (a stable sort, as run.c's ties by id)."""
+    order = torch.sort(probs, descending=True, stable=True)
+    mass_before = torch.cumsum(order.values, 0) - order.values
+    return order.indices, int((mass_before < top_p).sum())
+
+
+def test_top_p_samples_only_from_the_nucleus(trained, run_binary, shakespeare_tokenizer, tmp_path):
+    """Every token run.c samples at top-p lies in the nucleus PyTorch finds by a full sort of the same logits, a
+    tiny p is greedy, and the draws follow the probabilities within the nucleus. Nuclei of 1 to hundreds of tokens
+    (the barely trained model and a random one): run.c's bisection runs down to its last few candidates."""
+    random = random_model(vocab_size=shakespeare_tokenizer.vocab_size, max_seq_len=128, tie_embeddings=True, seed=3)
+    ckpt = tmp_path / "flat.pt"
+    save_checkpoint({"model_args": vars(random.args), "model": random.state_dict(),
+                     "tokenizer": shakespeare_tokenizer.to_json(), "data_format": "text"}, ckpt)
+    export(ckpt, tmp_path / "flat.bin", "--tokenizer_out=")
+    trained_model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    prompt = "ROMEO:"
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    sizes, positions = [], []
+    for model, model_file in ((trained_model, trained["fp32"]), (random, tmp_path / "flat.bin")):
+        # more draws at p 0.5: a nucleus a little too large shows only when draws land in its excess
+        cases = [(1.0, 0.9, 1), (1.3, 0.95, 3), (1.0, 1e-6, 4)] + [(0.7, 0.5, seed) for seed in range(8)]
+        for temperature, top_p, seed in cases:
+            c = run_c(run_binary, model_file, "-z", trained["tok"], "-t", temperature, "-p", top_p, "-s", seed,
+                      "-n", 40, "-v", 1, "-i", prompt)
+            sampled = tokens_line(c.stdout)
+            assert len(sampled) >= 8
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + sampled]))[0][0].double()
+            for k, token in enumerate(sampled):
+                probs = torch.softmax(logits[len(prompt_ids) - 1 + k] / temperature, dim=-1)
+                ranked, size = nucleus_rank_limit(probs, top_p)
+                rank = int((ranked == token).nonzero())
+                # a token right at the boundary may fall either way by float rounding (run.c sums in float32)
+                limit = nucleus_rank_limit(probs, top_p + 1e-5)[1]
+                assert rank < max(size, limit), (model_file.name, temperature, top_p, k, rank, size)
+                sizes.append(size)
+                # where the draw lies in the nucleus's own distribution (its mid-point CDF): uniform on [0, 1]
+                # when tokens are drawn in proportion to their probability, lower when the nucleus is cut short
+                if size < 20:
+                    continue  # (a draw from a nucleus of a few tokens says little)
+                ranked_probs = probs[ranked[:max(size, rank + 1)]]
+                nucleus_mass = ranked_probs.sum()
+                positions.append(float((ranked_probs[:rank].sum() + ranked_probs[rank] / 2) / nucleus_mass))
+    assert max(sizes) >= 100 and min(sizes) == 1  # flat and peaked both seen
+    assert len(positions) >= 400 and abs(np.mean(positions) - 0.5) < 0.04, (len(positions), np.mean(positions))
+
+
 def test_sampling_is_seeded(trained, run_binary):
     args = [trained["fp32"], "-z", trained["tok"], "-t", 1.0, "-p", 0.9, "-n", 40, "-v", 1, "-i", "ROMEO:"]
     a = tokens_line(run_c(run_binary, *args, "-s", 42).stdout)

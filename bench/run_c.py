@@ -11,7 +11,10 @@ Each model file is dropped from the page cache after it is written, so run.c rea
 exported earlier; on Linux with large page-cache folios (ext4/xfs, recent kernels) it is then mapped with 2 MB
 pages. A file still cached from its own writing is mapped with 4 KB pages: 10-30% slower at 42M-110M float32 here.
 Run it alone (e.g. under the shared CPU lock): other work on the cores changes the figures, and so does the memory
-bandwidth left by other machines on the same host (figures here vary by +-15% between minutes).
+bandwidth left by other machines on the same host (it moved between ~40 and ~80 GB/s within an hour here). So each
+float32 figure also comes as a share of the ceiling measured in the same minutes: bench/read_bandwidth.c streams a
+buffer of the model file's size with as many threads, alternating with the runs, and its best GB/s divided by the
+file size (the bytes a token reads) is the tok/s no matmul code can beat.
 """
 
 import argparse
@@ -51,9 +54,17 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def build(binary):
-    cmd = ["cc", "-O3", "-march=native", "-fopenmp", "-o", binary, os.path.join(REPO, "run.c"), "-lm"]
+def build(binary, source="run.c"):
+    cmd = ["cc", "-O3", "-march=native", "-fopenmp", "-o", binary, os.path.join(REPO, source), "-lm"]
     subprocess.run(cmd, check=True)
+
+
+def read_bandwidth(binary, size_bytes, threads):
+    """GB/s of a plain streaming read of size_bytes, best of its 20 passes."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    megabytes = max(1, round(size_bytes / 2**20))
+    result = subprocess.run([binary, str(megabytes)], capture_output=True, text=True, env=env, check=True)
+    return float(result.stdout.split()[0])
 
 
 def random_model(shape):
@@ -106,8 +117,9 @@ def main():
     tokenizer = Tokenizer.byte_level()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        binary = os.path.join(tmp, "run")
+        binary, probe = os.path.join(tmp, "run"), os.path.join(tmp, "read_bandwidth")
         build(binary)
+        build(probe, os.path.join("bench", "read_bandwidth.c"))
         tokenizer_path = os.path.join(tmp, "tokenizer.bin")
         write_tokenizer(tokenizer, tokenizer_path)
         for shape in shapes:
@@ -121,12 +133,17 @@ def main():
                 drop_from_page_cache(path)
                 tokens_per_second(binary, path, tokenizer_path, 1, 4, 1.0)  # read it from disk once
                 for n_threads in threads:
-                    tps = max(tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 1.0)
-                              for _ in range(args.repeats))
+                    tps, bandwidth = 0.0, 0.0
+                    for _ in range(args.repeats):  # alternating, so both see the same minutes of the host
+                        bandwidth = max(bandwidth, read_bandwidth(probe, size, n_threads))
+                        tps = max(tps, tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 1.0))
+                    ceiling = bandwidth * 1e9 / size  # tok/s if every weight byte came at the streaming speed
                     reference = LLAMA2C[dtype].get(shape) if n_threads == 2 else None
-                    rows.append((shape, dtype, n_threads, tps, reference))
+                    rows.append((shape, dtype, n_threads, tps, reference, tps / ceiling))
                     ref_text = f"   llama2.c {reference} tok/s: {tps / reference:.2f}x" if reference else ""
-                    print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}: {tps:8.1f} tok/s{ref_text}", flush=True)
+                    print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}: {tps:8.1f} tok/s   "
+                          f"{100 * tps / ceiling:3.0f}% of the {bandwidth:.0f} GB/s ceiling ({ceiling:.0f} tok/s)"
+                          f"{ref_text}", flush=True)
                 # the sampler's share of the time, timed inside run.c: tok/s with and without top-p differ by
                 # less than the run-to-run noise of the memory bandwidth, so their ratio is no measure
                 n_threads = max(threads)
@@ -139,10 +156,10 @@ def main():
                       f"({max(r[0] for r in nucleus):.1f} tok/s)", flush=True)
                 os.remove(path)
             del model
-    print("\nshape  dtype  threads     tok/s   vs llama2.c")
-    for shape, dtype, n_threads, tps, reference in rows:
+    print("\nshape  dtype  threads     tok/s   of ceiling   vs llama2.c")
+    for shape, dtype, n_threads, tps, reference, share in rows:
         ratio = f"{tps / reference:.2f}x of {reference}" if reference else ""
-        print(f"{shape:>5}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {ratio}")
+        print(f"{shape:>5}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {100 * share:9.0f}%   {ratio}")
 
 
 if __name__ == "__main__":

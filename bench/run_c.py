@@ -12,7 +12,7 @@ exported earlier; on Linux with large page-cache folios (ext4/xfs, recent kernel
 pages. A file still cached from its own writing is mapped with 4 KB pages: 10-30% slower at 42M-110M float32 here.
 Run it alone (e.g. under the shared CPU lock): other work on the cores changes the figures, and so does the memory
 bandwidth left by other machines on the same host (it moved between ~40 and ~80 GB/s within an hour here). So each
-float32 figure also comes as a share of the ceiling measured in the same minutes: bench/read_bandwidth.c streams a
+figure also comes as a share of the ceiling measured in the same minutes: bench/read_bandwidth.c streams a
 buffer of the model file's size with as many threads, alternating with the runs, and its best GB/s divided by the
 file size (the bytes a token reads) is the tok/s no matmul code can beat.
 """

@@ -207,11 +207,11 @@ def test_threaded_build_matches_single_thread(trained, run_binary, tmp_path):
             assert tokens_line(threaded.stdout) == single and len(single) >= 16, (model_file, sampling)
 
 
-def nucleus_rank_limit(probs, top_p):
-    """How many of the most probable tokens the nucleus holds (a stable sort, as run.c's ties by id)."""
+def ranked_by_probability(probs):
+    """Token ids from the most probable down (a stable sort: ties by id, as run.c takes them) and the mass of the
+    tokens before each: the nucleus of top-p p is the first (mass_before < p).sum() of them."""
     order = torch.sort(probs, descending=True, stable=True)
-    mass_before = torch.cumsum(order.values, 0) - order.values
-    return order.indices, int((mass_before < top_p).sum())
+    return order.indices, torch.cumsum(order.values, 0) - order.values
 
 
 def test_top_p_samples_only_from_the_nucleus(trained, run_binary, shakespeare_tokenizer, tmp_path):
@@ -239,11 +239,11 @@ def test_top_p_samples_only_from_the_nucleus(trained, run_binary, shakespeare_to
                 logits = model(torch.tensor([prompt_ids + sampled]))[0][0].double()
             for k, token in enumerate(sampled):
                 probs = torch.softmax(logits[len(prompt_ids) - 1 + k] / temperature, dim=-1)
-                ranked, size = nucleus_rank_limit(probs, top_p)
-                rank = int((ranked == token).nonzero())
+                ranked, mass_before = ranked_by_probability(probs)
+                size, rank = int((mass_before < top_p).sum()), int((ranked == token).nonzero())
                 # a token right at the boundary may fall either way by float rounding (run.c sums in float32)
-                limit = nucleus_rank_limit(probs, top_p + 1e-5)[1]
-                assert rank < max(size, limit), (model_file.name, temperature, top_p, k, rank, size)
+                limit = int((mass_before < top_p + 1e-5).sum())
+                assert rank < limit, (model_file.name, temperature, top_p, k, rank, size)
                 sizes.append(size)
                 # where the draw lies in the nucleus's own distribution (its mid-point CDF): uniform on [0, 1]
                 # when tokens are drawn in proportion to their probability, lower when the nucleus is cut short

@@ -24,7 +24,8 @@ import torch
 
 from configurator import ConfigError, configure
 import engine
-from model import checkpoint_in, load_checkpoint, pick_device
+from checkpoint import checkpoint_in, load_checkpoint
+from common import pick_device
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out/sft"  # where to look for best.pt (then ckpt.pt) when ckpt is empty

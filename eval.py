@@ -690,7 +690,9 @@ def main():
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
 
-    from model import checkpoint_in, load_checkpoint, pick_device
+    from checkpoint import checkpoint_in, load_checkpoint
+
+    from common import pick_device
     ckpt_path = ckpt
     if not ckpt_path:
         ckpt_path = checkpoint_in(out_dir)

@@ -63,7 +63,7 @@ import torch
 from dataclasses import asdict
 
 from configurator import ConfigError, configure
-from model import hf_config, hf_state_dict, load_checkpoint, write_atomically, write_safetensors
+from checkpoint import hf_config, hf_state_dict, load_checkpoint, write_atomically, write_safetensors
 from tokenizer import hf_tokenizer_files
 from tokenizer import GPT4_SPLIT_PATTERN
 

@@ -97,7 +97,8 @@ def stage_seconds(run):
 
 def model_size(run_folder):
     """Parameters and shape of a run's model, from its checkpoint (model.load_checkpoint: the one loader)."""
-    from model import count_params, load_checkpoint
+    from checkpoint import load_checkpoint
+    from model import count_params
     for name in ("best.pt", "ckpt.pt"):
         path = os.path.join(run_folder, name)
         if os.path.exists(path):

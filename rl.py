@@ -39,7 +39,9 @@ import torch
 
 import engine
 from configurator import ConfigError, configure
-from model import configure_optimizer, count_params, load_checkpoint, pick_device, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from common import pick_device
+from model import configure_optimizer, count_params
 
 # -----------------------------------------------------------------------------------------------------
 # I/O

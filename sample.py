@@ -14,7 +14,7 @@ import torch
 
 from configurator import configure
 import engine
-from model import checkpoint_in, load_checkpoint
+from checkpoint import checkpoint_in, load_checkpoint
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out"

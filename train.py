@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import (ModelArgs, Transformer, apply_lora, build_model, configure_optimizer, count_params, file_sha256,
-                   flops_per_token, lora_state_dict, model_args_from_dict, peak_flops, pick_device, read_checkpoint,
-                   save_checkpoint)
+from checkpoint import build_model, checkpoint_sha256, model_args_from_dict, read_checkpoint, save_checkpoint
+from common import peak_flops, pick_device
+from model import (ModelArgs, Transformer, apply_lora, configure_optimizer, count_params, flops_per_token, lora_state_dict)
 from tokenizer import Tokenizer, hf_folder, open_tokens, read_meta
 
 # -----------------------------------------------------------------------------------------------------
@@ -46,8 +46,8 @@ wandb_run_name = "run"
 # data
 data_dir = "data"
 data = "tinyshakespeare"  # a prepared source in data_dir, or a weighted mix: 'wikitext:0.5,tinystories:0.5'
-# (text sources: weights are the share of batches; chat sources: weights repeat each conversation per epoch,
-# e.g. 'alpaca,identity:4' sees every identity conversation 4 times per epoch)
+#   (text sources: weights are the share of batches; chat sources: weights repeat each conversation per epoch,
+#   e.g. 'alpaca,identity:4' sees every identity conversation 4 times per epoch)
 batch_size = 16  # sequences per micro-batch
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per step; effective batch = batch_size x this x world size
@@ -391,7 +391,7 @@ if lora_rank and init_from != "resume":
     base_checkpoint_path = "hf:" + os.path.abspath(hf_folder(init_from[3:])) if init_from.startswith("hf:") \
         else os.path.abspath(init_from)
     lora_config = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,
-                   "base_checkpoint": base_checkpoint_path, "base_sha256": file_sha256(base_checkpoint_path)}
+                   "base_checkpoint": base_checkpoint_path, "base_sha256": checkpoint_sha256(base_checkpoint_path)}
     try:
         apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     except ValueError as e:

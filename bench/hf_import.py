@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from model import apply_lora, configure_optimizer, count_params, load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+
+from model import apply_lora, configure_optimizer, count_params  # noqa: E402
 
 
 def timed(fn, repeat=3):

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt2_reference import GPT2, gpt2_flops_per_token, gpt2_optimizer  # noqa: E402
-from model import ModelArgs, Transformer, configure_optimizer, count_params, flops_per_token, peak_flops  # noqa: E402
+from common import peak_flops  # noqa: E402
+from model import ModelArgs, Transformer, configure_optimizer, count_params, flops_per_token  # noqa: E402
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "batch_size", "gradient_accumulation_steps")
 # nanoGPT's CPU shapes from the issue: char-level Shakespeare (vocab 65)

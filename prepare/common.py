@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from common import file_sha256
+
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
@@ -68,11 +70,6 @@ def write_meta(out_dir, tokenizer, split_counts, source, fmt="text"):
 
 def default_cache_dir():
     return os.environ.get("NANOLLAMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanollama"))
-
-
-def file_sha256(path):
-    from model import file_sha256 as sha256_of_file  # the one implementation (model.py checks checkpoints with it)
-    return sha256_of_file(path)
 
 
 def progress_bar(done, total, prefix="", width=30):

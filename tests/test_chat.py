@@ -18,7 +18,7 @@ import torch
 import chat
 import engine
 from conftest import REPO, random_model, run_stage
-from model import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from test_engine import ScriptedModel, calculator_script, text_script
 from tokenizer import Tokenizer
 

@@ -63,8 +63,36 @@ def test_wrong_type_names_the_expected_type(tmp_path):
 def test_malformed_arguments():
     with pytest.raises(ConfigError, match="not found"):
         configure(settings(), ["config/does_not_exist.py"], verbose=False)
-    with pytest.raises(ConfigError, match="expected --key=value"):
+    with pytest.raises(ConfigError, match="expected --out_dir=value"):
         configure(settings(), ["--out_dir"], verbose=False)
+    # an unknown '--key value' names the nearest key (its value is not taken for a config file)
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat'; did you mean 'learning_rate'\?"):
+        configure(settings(), ["--learning_rat", "0.5"], verbose=False)
+
+
+def test_json_config_files_are_read_like_python_ones(tmp_path):
+    good = tmp_path / "pretrain.json"
+    good.write_text('{"max_iters": 500, "learning_rate": 3e-4, "compile": false, "out_dir": "out/x"}')
+    ns = settings()
+    configure(ns, [str(good), "--max_iters=7"], verbose=False)
+    assert ns["max_iters"] == 7 and ns["learning_rate"] == 3e-4 and ns["compile"] is False and ns["out_dir"] == "out/x"
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"max_iter": 500}')
+    with pytest.raises(ConfigError, match=r"typo.json: unknown config key 'max_iter'; did you mean 'max_iters'\?"):
+        configure(settings(), [str(typo)], verbose=False)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"max_iters": "many"}')
+    with pytest.raises(ConfigError, match=r"wrong.json: max_iters expects int"):
+        configure(settings(), [str(wrong)], verbose=False)
+    for text, message in (("[1, 2]", "one object of settings"), ("{max_iters: 5}", "not valid JSON")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            configure(settings(), [str(bad)], verbose=False)
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text("max_iters: 5\n")
+    with pytest.raises(ConfigError, match=r"expected a Python \(.py\) or JSON \(.json\) file"):
+        configure(settings(), [str(yaml)], verbose=False)
 
 
 def test_equals_form_accepts_spaces_and_bare_flags():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN, random_model, run_stage, shared_file
-from model import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 
 CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 HEADER_BYTES = 256

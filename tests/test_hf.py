@@ -19,7 +19,7 @@ from conftest import REPO, run_stage, read_log, shared_file
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (.ci/run installs it)")
 tokenizers = pytest.importorskip("tokenizers")
 
-from model import load_checkpoint, read_safetensors  # noqa: E402
+from checkpoint import load_checkpoint, read_safetensors  # noqa: E402
 from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer  # noqa: E402
 
 # SmolLM2's chat template (ChatML, with a default system message) and a Llama 3 style one (trimmed content)
@@ -198,7 +198,7 @@ def test_qwen2_attention_biases_round_trip(tmp_path):
 
 def test_our_model_exports_to_transformers(tmp_path, shakespeare_tokenizer):
     from conftest import random_model
-    from model import save_checkpoint
+    from checkpoint import save_checkpoint
     from dataclasses import asdict
     model = random_model(vocab_size=shakespeare_tokenizer.vocab_size, max_seq_len=128, tie_embeddings=False)
     path = tmp_path / "ckpt.pt"

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import random_model
-from model import (KVCache, ModelArgs, Transformer, apply_rope, count_params, flops_per_token, load_checkpoint,
-                   precompute_rope, sample_next_token, save_checkpoint)
+from checkpoint import load_checkpoint, save_checkpoint
+from model import (KVCache, ModelArgs, Transformer, apply_rope, count_params, flops_per_token, precompute_rope,
+                   sample_next_token)
 from tokenizer import Tokenizer
 
 

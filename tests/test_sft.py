@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY_TRAIN, alpaca_conversations, prepare_chat_source, random_model, read_log, run_stage
-from model import LoRALinear, apply_lora, load_checkpoint, merge_lora
+from checkpoint import load_checkpoint
+from model import LoRALinear, apply_lora, merge_lora
 
 SFT = [a for a in TINY_TRAIN if not a.startswith("--data=")] + ["--block_size=128"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN, prepare_text_source, read_log, run_stage, shared_file
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -80,7 +80,7 @@ def test_sigint_finishes_the_step_saves_and_exits_0(data_dir, tmp_path):
 SLOW_SAVE = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-from model import save_checkpoint
+from checkpoint import save_checkpoint
 path = sys.argv[1]
 save_checkpoint({{"version": "old", "w": torch.zeros(10)}}, path)
 print("saved old", flush=True)

@@ -1,0 +1,226 @@
+"""
+What every stage script shares, so that each stage's file holds only its own logic: the error exit, the
+device and dtype rule, Ctrl-C handling, log files, progress lines and the pictures drawn from the logs.
+
+torch is imported inside the functions that need it, so that prepare/ scripts (which never touch a model)
+start without torch's two-second import.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fail(message):
+    """A user error: one 'error: ...' line on stderr and exit status 1, no traceback (the message says what to do)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    distributed = sys.modules.get("torch.distributed")  # only a process that imported it can be in a group
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------------------------------
+# device and dtype: one rule for every stage
+
+
+def pick_device(requested="auto"):
+    """'auto' -> cuda if present, else mps if it really runs (not just exists), else cpu; anything else as given."""
+    import torch
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        try:
+            (torch.ones(2, device="mps") * 2).cpu()
+            return "mps"
+        except Exception:
+            pass
+    return "cpu"
+
+
+def setup_device(device="auto", dtype="auto", seed=None, num_threads=0):
+    """
+    The rule every stage follows: device 'auto' is cuda > mps > cpu; dtype 'auto' is bfloat16 on a GPU that
+    has it, float16 on an older GPU (train.py and rl.py then scale the loss), float32 elsewhere. Matmuls
+    run in the chosen dtype under autocast, the weights stay float32. Returns (device, device_type, dtype,
+    autocast context). Seeds torch when seed is given; num_threads > 0 sets torch's CPU threads.
+    """
+    import torch
+    from contextlib import nullcontext
+    device = pick_device(device)
+    device_type = device.split(":")[0]
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"dtype={dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return device, device_type, dtype, autocast
+
+
+# peak dense bf16 tensor FLOP/s of common GPUs, for MFU
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12,
+                  "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def measure_matmul_flops(device="cpu", dtype=None, size=1024, seconds=0.5, trials=5):
+    """
+    Measured FLOP/s of a square matmul on this device: the practical peak that MFU is taken against on CPU.
+    The best of several short trials, because a peak is a maximum: one trial that shares the CPU with another
+    process for a moment would understate it (and overstate MFU).
+    """
+    import torch
+    dtype = dtype or torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout, resume) alone
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    a @ b  # warm up
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / trials:
+            a @ b
+            n += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 2 * size ** 3 * n / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device):
+    """The FLOP/s that MFU is measured against: the GPU's bf16 peak, or this CPU's measured fp32 matmul peak."""
+    import torch
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return measure_matmul_flops(device, torch.bfloat16, size=4096)
+    return measure_matmul_flops(device)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: the training loops finish the step, save a checkpoint and exit
+
+
+class StopSignals:
+    """
+    After Ctrl-C or SIGTERM, `requested` is True: the loop finishes its step, saves and exits. A second
+    Ctrl-C raises KeyboardInterrupt at once (the user really wants out).
+    """
+
+    def __init__(self, message):
+        self.requested = False
+        self.message = message
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: {self.message}", flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------
+# logs: out_dir/log.jsonl, one JSON record a line, read back by the plots and report.py
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """
+    A progress line on stderr: redrawn in place (carriage return) a few times a second on a terminal, and
+    written as whole lines every `log_seconds` when stderr is a file, so that logs hold one line per report.
+    describe(done, elapsed_seconds) returns the text after the label.
+    """
+
+    def __init__(self, label, describe, log_seconds=10.0):
+        self.label, self.describe = label, describe
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.25 if self.tty else log_seconds
+        self.start = self.last = time.time()
+        self.done, self.drawn = 0, False
+
+    def update(self, n=1, force=False):
+        self.done += n
+        now = time.time()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            self.draw(now)
+
+    def draw(self, now):
+        line = f"{self.label}: {self.describe(self.done, now - self.start)}"
+        if self.tty:
+            sys.stderr.write(f"\r{line}\033[K")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self):
+        """The final figures, and the line ended."""
+        self.draw(time.time())
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def progress_bar(done, total, width=30):
+    """[=========               ] 32%"""
+    filled = int(width * done / max(1, total))
+    return f"[{'=' * filled}{' ' * (width - filled)}] {done / max(1, total):4.0%}"
+
+
+# -----------------------------------------------------------------------------------------------------
+# pictures: every PNG a stage writes is drawn here, from its log or results
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files (no screen needed), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    plt = pyplot()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -624,7 +624,7 @@ def plot_scores(history, path):
 
 def run_bpb(model, tokenizer, checkpoint):
     """bpb on the val split of bpb_data (default: the source the checkpoint was trained on)."""
-    from tokenizer import open_tokens, read_meta
+    from data import open_tokens, read_meta
     config = checkpoint.get("config", {})
     name = bpb_data or str(config.get("data", "")).split(",")[0].split(":")[0]
     folder = os.path.join(data_dir or config.get("data_dir", "data"), name)

@@ -698,38 +698,3 @@ def train_bpe(chunk_counts, vocab_size, pattern=GPT4_SPLIT_PATTERN, name="bpe", 
     tokenizer = Tokenizer(ranks, pattern, special_tokens_after(len(vocab)), name=name)
     tokenizer.merges = merges  # kept for inspection and tests; the tokenizer file stores only the ranks
     return tokenizer
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# token files: data/<name>/{split}.bin (+ {split}.mask.bin for chat), meta.json and tokenizer.json beside them
-
-
-def read_meta(source_dir):
-    """meta.json of a prepared source, with a clear error when the source is missing or incomplete."""
-    path = f"{source_dir}/meta.json"
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: prepare this source first (see prepare/ and the README)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    for key in ("tokenizer_sha256", "vocab_size", "dtype", "splits", "format"):
-        if key not in meta:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return meta
-
-
-def token_file_path(source_dir, split, mask=False):
-    return f"{source_dir}/{split}.mask.bin" if mask else f"{source_dir}/{split}.bin"
-
-
-def open_tokens(source_dir, split, meta, mask=False):
-    """np.memmap of a split's tokens (or its loss mask), read-only."""
-    import numpy as np
-    path = token_file_path(source_dir, split, mask)
-    try:
-        return np.memmap(path, dtype=np.uint8 if mask else np.dtype(meta["dtype"]), mode="r")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: prepare this source first (see prepare/ and the README)") from None

@@ -26,7 +26,8 @@ from configurator import configure
 from checkpoint import build_model, checkpoint_sha256, model_args_from_dict, read_checkpoint, save_checkpoint
 from common import peak_flops, pick_device
 from model import (ModelArgs, Transformer, apply_lora, configure_optimizer, count_params, flops_per_token, lora_state_dict)
-from tokenizer import Tokenizer, hf_folder, open_tokens, read_meta
+from data import open_tokens, read_meta
+from tokenizer import Tokenizer, hf_folder
 
 # -----------------------------------------------------------------------------------------------------
 # I/O

@@ -32,7 +32,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import TokenWriter, write_meta  # noqa: E402
+from data import TokenWriter, write_meta  # noqa: E402
 from tokenizer import Tokenizer, count_chunks, train_bpe  # noqa: E402
 
 NAMES = [("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "She"), ("Max", "He"),

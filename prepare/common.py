@@ -1,10 +1,6 @@
 """
-What every prepare/ script shares: writing token files and meta.json in the format of DESIGN.md.
-
-    data/<name>/train.bin, val.bin        uint16 tokens (uint32 when the vocabulary exceeds 65,536)
-    data/<name>/train.mask.bin, ...       uint8 loss mask, chat data only
-    data/<name>/meta.json                 tokenizer identity, dtype, token and byte counts per split, source
-    data/<name>/tokenizer.json            a copy of the tokenizer file, so the folder is self-contained
+What every prepare/ script shares: downloads, flags, the tokenizer, reading records and documents, and tokenizing
+on several processes into the token files of data.py.
 """
 
 import json
@@ -13,55 +9,7 @@ import os
 import numpy as np
 
 from common import file_sha256
-
-
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 65536 else np.uint32
-
-
-class TokenWriter:
-    """Appends documents' token ids (and loss masks) to a split's files, counting tokens, bytes and documents."""
-
-    def __init__(self, out_dir, split, vocab_size, with_mask=False):
-        self.dtype = token_dtype(vocab_size)
-        self.vocab_size = vocab_size
-        self.path = os.path.join(out_dir, f"{split}.bin")
-        self.tokens_file = open(self.path + ".tmp", "wb")
-        self.mask_file = open(os.path.join(out_dir, f"{split}.mask.bin.tmp"), "wb") if with_mask else None
-        self.counts = {"tokens": 0, "bytes": 0, "documents": 0}
-
-    def add(self, ids, n_bytes, mask=None, documents=1):
-        """Append tokens (one document, or several already joined: say how many) and count them."""
-        array = np.asarray(ids, dtype=np.int64)
-        if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
-            raise ValueError(f"{self.path}: token id {int(array.max())} outside the vocabulary of {self.vocab_size}")
-        self.tokens_file.write(array.astype(self.dtype).tobytes())
-        if self.mask_file is not None:
-            if mask is None or len(mask) != len(ids):
-                raise ValueError(f"{self.path}: chat data needs a mask of the same length as the tokens")
-            self.mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
-        self.counts["tokens"] += int(array.size)
-        self.counts["bytes"] += int(n_bytes)
-        self.counts["documents"] += documents
-
-    def close(self):
-        """Finish the files; they only take their real names once complete."""
-        for f in (self.tokens_file, self.mask_file):
-            if f is not None:
-                f.close()
-                os.replace(f.name, f.name[:-len(".tmp")])
-        return self.counts
-
-
-def write_meta(out_dir, tokenizer, split_counts, source, fmt="text"):
-    """meta.json and a copy of the tokenizer file beside the token files."""
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    meta = {"format": fmt, "tokenizer_sha256": tokenizer.sha256, "tokenizer_name": tokenizer.name,
-            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-            "bos_id": tokenizer.bos_id, "splits": split_counts, "source": source}
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    return meta
+from data import TokenWriter, write_meta
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import TokenWriter, fail, write_meta  # noqa: E402
-from tokenizer import Tokenizer, open_tokens, read_meta  # noqa: E402
+from data import TokenWriter, open_tokens, read_meta, write_meta  # noqa: E402
+from prepare.common import fail  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 
 def parse_weights(specs):

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import Tokenizer, open_tokens, read_meta  # noqa: E402
+from data import open_tokens, read_meta  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 GREEN, DIM, RESET = "\033[30;42m", "\033[2m", "\033[0m"
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("NANOLLAMA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 from model import ModelArgs, Transformer  # noqa: E402
-from prepare.common import TokenWriter, write_meta  # noqa: E402
+from data import TokenWriter, write_meta  # noqa: E402
 from tokenizer import count_chunks, train_bpe  # noqa: E402
 
 

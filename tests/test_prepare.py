@@ -10,11 +10,12 @@ import prepare.common as common
 from conftest import prepare_text_source, run_stage, shared_file
 from prepare.chat import (chatml_conversations, gsm8k_messages, identity_conversations, multiple_choice_messages,
                           qa_conversations, read_conversations, to_messages)
-from prepare.common import TokenWriter, read_documents, split_train_val
+from data import TokenWriter, open_tokens, read_meta
+from prepare.common import read_documents, split_train_val
 from prepare.tasks import load_task
 from prepare.tinystories import stories
 from prepare.wikitext import articles
-from tokenizer import Tokenizer, check_conversation, open_tokens, read_meta
+from tokenizer import Tokenizer, check_conversation
 
 
 @pytest.fixture(scope="module")

@@ -224,3 +224,79 @@ def save_figure(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_eval_scores(history, path):
+    """
+    eval.py's eval_scores.png: each headline score of eval_history.jsonl over checkpoint steps, a line per
+    score (and per mode and split when they vary), its random baseline dotted; bpb on an axis of its own.
+    """
+    plt = pyplot()
+    if plt is None:
+        return
+    kinds = sorted({(row["mode"], row["split"]) for row in history})
+    series = {}  # label -> [(step, score)]
+    for i, row in enumerate(history):
+        step = row["step"] if row["step"] is not None else i
+        for key, score in row["scores"].items():
+            if score["value"] is not None:
+                label = key + (f" ({row['mode']}, {row['split']})" if len(kinds) > 1 else "")
+                series.setdefault(label, []).append((step, score))
+    groups = [[k for k in series if not k.startswith("bpb")], [k for k in series if k.startswith("bpb")]]
+    groups = [g for g in groups if g]
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        scale = 1.0 if group[0].startswith("bpb") else 100.0  # bits per byte, or %
+        for n, label in enumerate(group):
+            points = sorted(series[label], key=lambda p: p[0])
+            color = f"C{n % 10}"
+            steps, values = [s for s, _ in points], [p["value"] * scale for _, p in points]
+            ax.plot(steps, values, "o-", color=color, label=label)
+            baseline = points[-1][1].get("random_baseline")
+            if baseline is not None:
+                ax.axhline(baseline * scale, color=color, ls=":", lw=1)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel("bits per byte" if scale == 1.0 else "score (%)")
+        ax.set_title("dotted: random baseline")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_checkpoint_scores(scores, path):
+    """
+    report.py's scores.png: grouped bars of each benchmark (in %) per checkpoint, bpb on its own axis, the
+    random baselines dashed. scores: {checkpoint: {row: {value, stderr, random_baseline}}} in the bars' order
+    (rows starting with '_' are not scores). Returns whether a picture was drawn.
+    """
+    plt = pyplot()
+    names = list(scores)
+    rows = [r for r in dict.fromkeys(k for n in names for k in scores[n]) if not r.startswith("_")]
+    percent_rows = [r for r in rows if r != "bpb"]
+    if plt is None or not names or not rows:
+        return False
+    width_ratios = [max(1, len(percent_rows)), 1]  # the % axis has a group of bars per row, bpb one
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": width_ratios})
+    width = 0.8 / len(names)
+    for axis, group, scale, unit in ((axes[0], percent_rows, 100, "%"), (axes[1], ["bpb"], 1, "bits per byte")):
+        for i, name in enumerate(names):
+            values = [scores[name].get(r, {}).get("value") for r in group]
+            errors = [scores[name].get(r, {}).get("stderr") or 0 for r in group]
+            xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(group))]
+            axis.bar(xs, [scale * (v or 0) for v in values], width, yerr=[scale * e for e in errors],
+                     label=name, capsize=2)
+        for x, r in enumerate(group):  # the random baseline of each row
+            baseline = next((scores[n][r]["random_baseline"] for n in names if r in scores[n]), None)
+            if baseline:
+                axis.hlines(scale * baseline, x - 0.45, x + 0.45, colors="gray", linestyles="dashed")
+        axis.set_xticks(range(len(group)))
+        axis.set_xticklabels([r.replace(" ", "\n", 1) for r in group], fontsize=8)
+        axis.set_ylabel(unit)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].legend(title="checkpoint")
+    axes[0].set_title("scores per checkpoint (dashed: random guessing)")
+    axes[1].set_title("lower is better")
+    save_figure(fig, path)
+    return True

@@ -24,6 +24,14 @@ import re
 import subprocess
 import sys
 
+import torch
+
+from checkpoint import load_checkpoint
+from common import plot_checkpoint_scores
+from eval import headline_metrics
+from model import count_params
+from tokenizer import Tokenizer
+
 CHECKPOINTS = ["base", "sft", "rl"]  # the three models of a run, in pipeline order
 BENCHMARKS = ["bpb", "openbookqa", "arc_easy", "arc_challenge"]
 
@@ -96,9 +104,7 @@ def stage_seconds(run):
 
 
 def model_size(run_folder):
-    """Parameters and shape of a run's model, from its checkpoint (model.load_checkpoint: the one loader)."""
-    from checkpoint import load_checkpoint
-    from model import count_params
+    """Parameters and shape of a run's model, from its checkpoint (load_checkpoint: the one loader)."""
     for name in ("best.pt", "ckpt.pt"):
         path = os.path.join(run_folder, name)
         if os.path.exists(path):
@@ -154,7 +160,6 @@ def rl_summary(run_folder, window=5):
 
 def eval_scores(run):
     """{checkpoint: {row name: score}} from eval.py's JSON results; a score is {value, stderr, random_baseline}."""
-    from eval import headline_metrics
     scores = {}
     for name in CHECKPOINTS:
         result = read_json(os.path.join(run, "eval", f"{name}.json"))
@@ -238,7 +243,6 @@ def data_sources(run):
 
 def machine():
     """A line naming the machine, so that times can be compared."""
-    import torch
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -256,48 +260,6 @@ def git_commit():
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# the picture of the scores per checkpoint
-
-
-def plot_scores(scores, path):
-    """Grouped bars: each benchmark (in %) for the base, SFT and RL checkpoints, and bpb on its own axis."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    names = [n for n in CHECKPOINTS if n in scores]
-    rows = [r for r in dict.fromkeys(k for n in names for k in scores[n]) if not r.startswith("_")]
-    percent_rows = [r for r in rows if r != "bpb"]
-    if not names or not rows:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [max(1, len(percent_rows)), 1]})
-    width = 0.8 / len(names)
-    for axis, group, scale, unit in ((axes[0], percent_rows, 100, "%"), (axes[1], ["bpb"], 1, "bits per byte")):
-        for i, name in enumerate(names):
-            values = [scores[name].get(r, {}).get("value") for r in group]
-            errors = [scores[name].get(r, {}).get("stderr") or 0 for r in group]
-            xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(group))]
-            axis.bar(xs, [scale * (v or 0) for v in values], width, yerr=[scale * e for e in errors], label=name, capsize=2)
-        for x, r in enumerate(group):  # the random baseline of each row
-            baseline = next((scores[n][r]["random_baseline"] for n in names if r in scores[n]), None)
-            if baseline:
-                axis.hlines(scale * baseline, x - 0.45, x + 0.45, colors="gray", linestyles="dashed")
-        axis.set_xticks(range(len(group)))
-        axis.set_xticklabels([r.replace(" ", "\n", 1) for r in group], fontsize=8)
-        axis.set_ylabel(unit)
-        axis.grid(alpha=0.3, axis="y")
-    axes[0].legend(title="checkpoint")
-    axes[0].set_title("scores per checkpoint (dashed: random guessing)")
-    axes[1].set_title("lower is better")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,7 +293,6 @@ def build_report(run):
     else:
         read = re.search(r"read ([\d,]+) characters", tok_log)
         compression = re.search(r"([\d.]+) bytes/token", tok_log)
-        from tokenizer import Tokenizer
         vocab_size = Tokenizer.from_file(os.path.join(run, "data", "tokenizer.json")).vocab_size
         figures["tokenizer"] = {"vocab_size": vocab_size,
                                 "characters_read": int(read.group(1).replace(",", "")) if read else None,
@@ -438,7 +399,7 @@ def build_report(run):
                "held-out test problems of prepare/arithmetic.py, asked as a chat with the calculator (accuracy: the "
                "number after '####' is right; format: there is one). Multiple choice: a base model is scored by "
                "log-likelihood (acc_norm), a chat model by the letter it answers (acc).", ""]
-        if plot_scores(scores, os.path.join(run, "scores.png")):
+        if plot_checkpoint_scores(scores, os.path.join(run, "scores.png")):
             md += ["![scores per checkpoint](scores.png)", ""]
 
     # --- export
@@ -470,7 +431,6 @@ def main():
     run = sys.argv[1]
     if not os.path.isdir(run):
         fail(f"{run}: no such folder (expected a run folder written by speedrun.sh)")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     markdown, figures = build_report(run)
     with open(os.path.join(run, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown + "\n")

@@ -3,7 +3,7 @@ Evaluate a checkpoint on the benchmarks people quote, scored the way lm-evaluati
 
     python eval.py --ckpt=out/best.pt --tasks=arc_easy,hellaswag,bpb --split=val --limit=100
     python eval.py --ckpt out/best.pt --tasks openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,bpb --split test
-    python eval.py --ckpt=out/sft/best.pt --tasks=mmlu,arc_easy,gsm8k     # a chat model (read from the checkpoint)
+    python eval.py --ckpt=out/sft/best.pt --tasks=mmlu,arc_easy,gsm8k    # a chat model (from the checkpoint)
 
 Task records are the normalized files of prepare/tasks.py (data/tasks/<task>/<split>.jsonl), or are read straight
 from a folder laid out like ../shared/data with --source=../shared/data.
@@ -19,16 +19,17 @@ Prompts (lm-evaluation-harness's templates; few-shot examples are "prompt choice
                                                                         -> " <ending>"
     mmlu           "The following are multiple choice questions (with answers) about <subject>.\n\n"
                    "<question>\nA. <a>\nB. <b>\nC. <c>\nD. <d>\nAnswer:"    -> " A" / " B" / " C" / " D"
-    gsm8k          5-shot "Question: <question>\nAnswer: <solution>" blocks, then "Question: <question>\nAnswer:";
-                   greedy generation stopped at "Question:"
+    gsm8k          5-shot "Question: <question>\nAnswer: <solution>" blocks, then
+                   "Question: <question>\nAnswer:"; greedy generation stopped at "Question:"
 The prompt starts with <|bos|> (our models see it at the start of every document). As in lm-evaluation-harness,
 trailing spaces of the prompt move to the continuation, the continuation's tokens are those of prompt+choice
 after the prompt's tokens, too-long inputs are cut on the left, and few-shot examples are drawn with
 random.Random(1234) per task in item order (MMLU: the first k dev questions of the subject).
 
 Chat models (data_format "chat"): the question and lettered choices are a user turn (rendered by prepare/chat.py,
-as in the midtraining/SFT data); the model's answer is the letter token (A, B, C, ...) with the highest probability right after <|assistant_start|>. GSM8K: the question is
-the user turn, the assistant answers greedily with the calculator tool on (zero-shot).
+as in the midtraining/SFT data); the model's answer is the letter token (A, B, C, ...) with the highest
+probability right after <|assistant_start|>. GSM8K: the question is the user turn, the assistant answers
+greedily with the calculator tool on (zero-shot).
 
 GSM8K answers: "strict" is the number after '####', "flexible" the last number in the answer; both ignore
 commas, '$' and a trailing '.' (lm-evaluation-harness's strict-match and flexible-extract filters).
@@ -41,6 +42,9 @@ baseline at 99% (one-sided exact test). Results go beside the checkpoint:
     eval_history.jsonl              one line per evaluation
     eval_report.md                  the report card: a row per evaluated checkpoint
     eval_scores.png                 the scores over checkpoints
+
+A task is its entry in TASKS below (prompt, choices, target, few-shot split, metrics); a new multiple-choice
+task in the normalized format is one entry there plus its <task_dir>/<task>/<split>.jsonl files.
 """
 
 import json
@@ -50,228 +54,61 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import engine
+from checkpoint import checkpoint_in, load_checkpoint
+from common import Progress, fail, plot_eval_scores, progress_bar, read_jsonl, setup_device
+from configurator import configure
+from data import open_tokens, read_meta
+from prepare.chat import multiple_choice_messages
+from prepare.tasks import load_task, read_task_file
+
 # -----------------------------------------------------------------------------------------------------
-ckpt = ""  # checkpoint to evaluate (or hf:DIR, a Hugging Face model); empty = out_dir/best.pt, else out_dir/ckpt.pt
+ckpt = ""  # checkpoint to evaluate (or hf:DIR, a Hugging Face model);
+#            empty = out_dir/best.pt, else out_dir/ckpt.pt
 out_dir = "out"
 tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k,bpb"  # comma-separated
 split = "test"  # test | val | train | dev; HellaSwag has no labelled test split and uses val (as lm-eval does)
-limit = 0  # only the first N items of each task (of each MMLU subject, like lm-eval's --limit); bpb: N windows; 0 = all
-num_fewshot = -1  # -1 = each task's default (0 for multiple choice, 5 for GSM8K); chat models are always zero-shot
+limit = 0  # only the first N items of each task (of each MMLU subject, like lm-eval's --limit);
+#            bpb: N windows; 0 = all
+num_fewshot = -1  # -1 = each task's default (0 for multiple choice, 5 for GSM8K);
+#                   chat models are always zero-shot
 fewshot_seed = 1234  # lm-evaluation-harness's seed for drawing few-shot examples
-mode = "auto"  # 'auto' = from the checkpoint's data_format; 'base' (log-likelihood) or 'chat' (letters, conversation)
+mode = "auto"  # 'auto' = from the checkpoint's data_format;
+#                'base' (log-likelihood) or 'chat' (letters, conversation)
 task_dir = "data/tasks"  # normalized task files from prepare/tasks.py: <task_dir>/<task>/<split>.jsonl
 source = ""  # read tasks straight from a folder laid out like ../shared/data instead of task_dir
 data_dir = ""  # prepared token sources for bpb; empty = the data_dir the checkpoint was trained with
-bpb_data = ""  # the token source whose val split bpb is measured on; empty = the (first) source of the checkpoint
+bpb_data = ""  # the token source whose val split bpb is measured on;
+#                empty = the (first) source of the checkpoint
 batch_size = 16  # sequences per forward pass (multiple choice and bpb)
 max_new_tokens = 256  # GSM8K: most tokens generated per answer (lm-eval's max_gen_toks)
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = "auto"  # 'auto' = bfloat16 on CUDA, float32 elsewhere
+dtype = "auto"  # 'auto' = bfloat16 on a GPU that has it (float16 on older ones), float32 elsewhere
 num_threads = 0  # CPU threads for torch; 0 = torch's default
-results_file = ""  # the JSON result; empty = <checkpoint folder>/eval_<checkpoint name>_step<N>_<mode>_<split>.json
-report = True  # add this evaluation to <checkpoint folder>/eval_report.md, eval_history.jsonl and eval_scores.png
+results_file = ""  # the JSON result;
+#                    empty = <checkpoint folder>/eval_<checkpoint name>_step<N>_<mode>_<split>.json
+report = True  # add this evaluation to <checkpoint folder>/eval_report.md, eval_history.jsonl
+#                and eval_scores.png
 save_items = True  # keep each item's prediction in the JSON result
 # -----------------------------------------------------------------------------------------------------
-
-MC_TASKS = ["openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag"]
-ALL_TASKS = MC_TASKS + ["gsm8k", "bpb"]
-FEWSHOT_SPLIT = {"openbookqa": "train", "arc_easy": "train", "arc_challenge": "train", "hellaswag": "train",
-                 "mmlu": "dev", "gsm8k": "train"}  # where lm-eval draws each task's few-shot examples
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-Z_99_ONE_SIDED = 2.3263  # for bpb's test against the uniform baseline
 
 
 class EvalError(Exception):
     """A user error: printed as 'error: ...' with exit code 1."""
 
 
-# -----------------------------------------------------------------------------------------------------
-# prompts: lm-evaluation-harness's templates (doc_to_text, doc_to_choice, description)
-
-
-def prompt_text(task, record):
-    if task == "openbookqa":
-        return record["question"]
-    if task in ("arc_easy", "arc_challenge", "gsm8k"):
-        return f"Question: {record['question']}\nAnswer:"
-    if task == "hellaswag":
-        return record["question"]  # prepare/tasks.py already built the query and cleaned it
-    if task == "mmlu":
-        lettered = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", record["choices"]))
-        return f"{record['question'].strip()}{lettered}\nAnswer:"
-    raise ValueError(f"no prompt template for task {task!r}")
-
-
-def choice_texts(task, record):
-    """The continuations that are scored (each after a space): MMLU scores the letters, the others the choices."""
-    return list("ABCD") if task == "mmlu" else list(record["choices"])
-
-
-def description(task, record):
-    if task == "mmlu":
-        return f"The following are multiple choice questions (with answers) about {record['subject'].replace('_', ' ')}.\n\n"
-    return ""
-
-
-def target_text(task, record):
-    if task == "gsm8k":
-        return record["solution"]
-    return choice_texts(task, record)[record["answer"]]
-
-
-def fewshot_contexts(task, records, pool, k, seed, same_split):
-    """
-    The prompt of every record with k solved examples before it, drawn as lm-evaluation-harness draws them:
-    MMLU takes the first k dev questions of the same subject; the others sample k from the pool with one
-    random.Random(seed) per task, in record order, dropping the record itself when the pool is its own split.
-    """
-    rng = random.Random(seed)
-    contexts = []
-    for record in records:
-        examples = []
-        if k > 0:
-            if task == "mmlu":
-                examples = [r for r in pool if r.get("subject") == record.get("subject")][:k]
-            else:
-                drawn = rng.sample(pool, k + 1 if same_split else k)
-                examples = [r for r in drawn if r != record][:k]
-        shots = "".join(f"{prompt_text(task, r)} {target_text(task, r)}\n\n" for r in examples)
-        contexts.append(description(task, record) + shots + prompt_text(task, record))
-    return contexts
-
-
-def chat_question(record):
-    """
-    A multiple-choice question as a chat model's user turn: the question, its lettered choices and "Answer with
-    the letter of the correct choice." -- rendered by prepare/chat.py, which renders the training data the same way.
-    """
-    from prepare.chat import multiple_choice_messages
-    return multiple_choice_messages(record)[0]["content"]
+class SplitMissing(EvalError):
+    """A task split that is not there: main skips the task with this message, which says where it looked."""
 
 
 # -----------------------------------------------------------------------------------------------------
-# scoring
+# answers and records, as the task entries below check them
 
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, every few seconds in a log)."""
-
-    def __init__(self, label, total):
-        self.label, self.total, self.done = label, total, 0
-        self.start = self.last_draw = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n=1):
-        self.done += n
-        now = time.time()
-        if self.done >= self.total or now - self.last_draw > (0.2 if self.tty else 10.0):
-            self.last_draw = now
-            width = 30
-            filled = int(width * self.done / max(1, self.total))
-            rate = self.done / max(1e-9, now - self.start)
-            line = f"{self.label:14s} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.1f}/s"
-            if self.tty:  # redraw in place, a newline when done
-                print("\r" + line, end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
-            else:
-                print(line, file=sys.stderr, flush=True)
-
-
-def encode_pair(tokenizer, context, continuation):
-    """
-    (context ids, continuation ids) as lm-evaluation-harness makes them: trailing whitespace of the context
-    moves to the continuation; the continuation is whatever the whole string's tokens add after the context's.
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    context_ids = tokenizer.encode(context, bos=True)
-    whole_ids = tokenizer.encode(context + continuation, bos=True)
-    return context_ids, whole_ids[len(context_ids):]
-
-
-@torch.no_grad()
-def continuation_logprobs(model, requests, batch_size, label="score"):
-    """
-    Summed log-probability of each continuation given its context: requests are (context ids, continuation ids).
-    Inputs are (context + continuation)[-(max_seq_len + 1):][:-1] as in lm-eval (cut on the left). Identical
-    inputs are run once (MMLU's four one-token letters share one forward pass); the rest go longest first,
-    batch_size to a forward pass, padded on the right (causal attention: padding never changes earlier logits).
-    """
-    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
-    max_len = model.args.max_seq_len
-    rows = {}  # input ids -> [(request index, targets)]
-    for i, (context, continuation) in enumerate(requests):
-        if not continuation:
-            raise ValueError(f"request {i}: empty continuation")
-        whole = (list(context) + list(continuation))[-(max_len + 1):]
-        n_targets = min(len(continuation), len(whole) - 1)
-        rows.setdefault(tuple(whole[:-1]), []).append((i, whole[-n_targets:]))
-    inputs = sorted(rows, key=len, reverse=True)
-    scores = [0.0] * len(requests)
-    progress = Progress(label, len(inputs))
-    for b in range(0, len(inputs), batch_size):
-        batch = inputs[b:b + batch_size]
-        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
-        for r, ids in enumerate(batch):
-            x[r, :len(ids)] = torch.tensor(ids)
-        logits, _ = model(x.to(device))  # (B, T, vocab)
-        for r, ids in enumerate(batch):
-            for i, targets in rows[ids]:
-                n = len(targets)
-                logprobs = F.log_softmax(logits[r, len(ids) - n:len(ids)].float(), dim=-1)  # (n, vocab)
-                target_ids = torch.tensor(targets, device=logprobs.device)
-                scores[i] = float(logprobs.gather(-1, target_ids[:, None]).sum())
-        progress.update(len(batch))
-    return scores
-
-
-def pick_answers(logprobs_per_choice, choices):
-    """lm-eval's acc and acc_norm predictions: argmax of the log-likelihoods, raw and per character of choice."""
-    lls = np.array(logprobs_per_choice)
-    lengths = np.array([float(len(c)) for c in choices])
-    return int(np.argmax(lls)), int(np.argmax(lls / lengths))
-
-
-@torch.no_grad()
-def letter_predictions(model, tokenizer, records, batch_size, label="letters"):
-    """Chat models: the letter (A, B, ...) with the highest logit right after <|assistant_start|>, per record."""
-    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
-    max_len = model.args.max_seq_len
-    letter_ids = []
-    for letter in LETTERS:
-        ids = tokenizer.encode(letter)
-        if len(ids) != 1:
-            raise EvalError(f"the tokenizer encodes the letter {letter!r} as {len(ids)} tokens; expected one")
-        letter_ids.append(ids[0])
-    prompts = []
-    for record in records:
-        ids = tokenizer.render_for_completion([{"role": "user", "content": chat_question(record)}])
-        prompts.append(ids[-max_len:])  # too long: keep the end (the choices and <|assistant_start|>)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    predictions = [None] * len(records)
-    progress = Progress(label, len(records))
-    for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        x = torch.zeros(len(batch), len(prompts[batch[0]]), dtype=torch.long)
-        for r, i in enumerate(batch):
-            x[r, :len(prompts[i])] = torch.tensor(prompts[i])
-        logits, _ = model(x.to(device))
-        for r, i in enumerate(batch):
-            n_choices = len(records[i]["choices"])
-            last = logits[r, len(prompts[i]) - 1, letter_ids[:n_choices]]
-            predictions[i] = int(torch.argmax(last))
-        progress.update(len(batch))
-    return predictions
-
-
-# -----------------------------------------------------------------------------------------------------
-# GSM8K: generation and answer extraction (lm-evaluation-harness's filters and exact_match normalization)
 
 STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_ANSWER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -286,18 +123,338 @@ def normalize_answer(text):
 
 
 def extract_answer_strict(text):
-    """The number after the first '####', normalized; None when there is none."""
+    """The number after the first '####', normalized; None when there is none (lm-eval's strict-match)."""
     match = STRICT_ANSWER.findall(text)
     return normalize_answer(match[0].strip()) if match else None
 
 
 def extract_answer_flexible(text):
-    """The last number in the text, normalized; None when there is none."""
+    """The last number in the text, normalized; None when there is none (lm-eval's flexible-extract)."""
     matches = FLEXIBLE_ANSWER.findall(text)
     if not matches:
         return None
     last = [m for m in matches[-1] if m]
     return normalize_answer(last[0].strip()) if last else None
+
+
+def is_choice_record(r):
+    return (isinstance(r.get("question"), str) and isinstance(r.get("choices"), list) and len(r["choices"]) >= 2
+            and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"]))
+
+
+def is_answer_record(r):
+    return isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the tasks: all that eval.py knows about a benchmark is its entry here; the code below is the same for all.
+# The fields follow lm-evaluation-harness's task configs (doc_to_text, doc_to_choice, doc_to_target,
+# description, fewshot_split, metrics), over the normalized records r of DESIGN.md:
+#   kind             "choice": multiple choice, scored by log-likelihood (base models) or by the letter the
+#                    model answers (chat models); "answer": a generated answer checked against the reference;
+#                    "bpb": bits per byte of a prepared token source (no records)
+#   prompt(r)        the question as a base model sees it
+#   choices(r)       the continuations scored after the prompt, each after a space
+#   target(r)        the answer of a solved example in a few-shot prompt
+#   description(r)   text before the few-shot examples
+#   fewshot_split    the split few-shot examples come from
+#   fewshot_sampler  "random": drawn with random.Random(fewshot_seed); "first_n": the first ones of the split
+#   subtask          the field that splits a task into subtasks (MMLU's subject): --limit counts per subtask
+#                    and few-shot examples come from the record's own subtask
+#   test_split       the split that --split=test reads
+#   num_fewshot      few-shot examples for a base model when --num_fewshot is -1 (chat models: always 0)
+#   valid(r)         the record check; expected: the record shape it wants, for the error message
+#   headline         per mode, the metrics the report card shows (report.py shows the first)
+# and for "answer" tasks:
+#   chat_messages(r) the conversation a chat model answers
+#   stop             where a base model's answer ends (it would go on with the next question)
+#   gold(r)          the reference answer
+#   extract          {metric: text -> the answer found in it (or None)}; right when it equals gold(r)
+
+MULTIPLE_CHOICE = {  # what the multiple-choice tasks share; each entry below says what differs
+    "kind": "choice",
+    "choices": lambda r: r["choices"],
+    "target": lambda r: r["choices"][r["answer"]],
+    "description": lambda r: "",
+    "fewshot_split": "train", "fewshot_sampler": "random", "subtask": None,
+    "test_split": "test", "num_fewshot": 0,
+    "valid": is_choice_record,
+    "expected": '{"question": str, "choices": [str, ...], "answer": <index of the right choice>}',
+    "headline": {"base": ["acc_norm"], "chat": ["acc"]},
+}
+
+TASKS = {
+    "openbookqa": {**MULTIPLE_CHOICE, "prompt": lambda r: r["question"]},  # the question stem alone
+    "arc_easy": {**MULTIPLE_CHOICE, "prompt": lambda r: f"Question: {r['question']}\nAnswer:"},
+    "arc_challenge": {**MULTIPLE_CHOICE, "prompt": lambda r: f"Question: {r['question']}\nAnswer:"},
+    # the choices are lettered in the prompt and the letters are scored; with one-character choices acc_norm
+    # is acc, so acc is the headline
+    "mmlu": {
+        **MULTIPLE_CHOICE,
+        "prompt": lambda r: r["question"].strip() + "".join(f"\n{letter}. {choice}" for letter, choice
+                                                            in zip("ABCD", r["choices"])) + "\nAnswer:",
+        "choices": lambda r: list("ABCD"),
+        "target": lambda r: "ABCD"[r["answer"]],
+        "description": lambda r: ("The following are multiple choice questions (with answers) about "
+                                  f"{r['subject'].replace('_', ' ')}.\n\n"),
+        "fewshot_split": "dev", "fewshot_sampler": "first_n", "subtask": "subject",
+        "valid": lambda r: is_choice_record(r) and len(r["choices"]) == 4 and isinstance(r.get("subject"), str),
+        "expected": '{"question": str, "choices": [4 strs], "answer": <index of the right one>, "subject": str}',
+        "headline": {"base": ["acc"], "chat": ["acc"]},
+    },
+    # prepare/tasks.py already built the query "<activity label>: <ctx_a> <Ctx_b>" and cleaned it; the public
+    # test split has no labels, so --split=test reads val (as lm-eval does)
+    "hellaswag": {**MULTIPLE_CHOICE, "prompt": lambda r: r["question"], "test_split": "val"},
+    "gsm8k": {
+        "kind": "answer",
+        "prompt": lambda r: f"Question: {r['question']}\nAnswer:",
+        "target": lambda r: r["solution"],
+        "description": lambda r: "",
+        "fewshot_split": "train", "fewshot_sampler": "random", "subtask": None,
+        "test_split": "test", "num_fewshot": 5,
+        "valid": is_answer_record,
+        "expected": '{"question": str, "answer": "<number>", "solution": str}',
+        "headline": {"base": ["strict", "flexible"], "chat": ["strict", "flexible"]},
+        "chat_messages": lambda r: [{"role": "user", "content": r["question"]}],
+        "stop": "Question:",
+        "gold": lambda r: normalize_answer(r["answer"]),
+        "extract": {"strict": extract_answer_strict, "flexible": extract_answer_flexible},
+    },
+    "bpb": {"kind": "bpb", "headline": {"base": ["bpb"], "chat": ["bpb"]}},
+}
+
+
+def task_entry(name):
+    """A task's entry in TASKS; an unknown name is a user error that lists the tasks."""
+    if name not in TASKS:
+        raise EvalError(f"unknown task {name!r}; expected a comma-separated list of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# -----------------------------------------------------------------------------------------------------
+# records and prompts
+
+
+def load_records(task, task_split, task_dir, source):
+    """
+    Normalized records of a task split: <task_dir>/<task>/<split>.jsonl, or the original files in a source
+    folder. A split that is not there raises SplitMissing, whose message names where it looked and what to do.
+    """
+    if source:
+        if not os.path.isdir(source):
+            raise EvalError(f"{source}: no such folder; --source expects a folder laid out like ../shared/data "
+                            "(see its MANIFEST.md)")
+        try:
+            records = load_task(task, task_split, source)
+        except (OSError, ValueError, KeyError) as e:
+            raise EvalError(f"{task} {task_split} in {source}: {e}") from None
+        if not records:
+            raise SplitMissing(f"no {task_split} split of {task} in {source} (this copy does not have it)")
+        return records
+    path = os.path.join(task_dir, task, f"{task_split}.jsonl")
+    if not os.path.exists(path):
+        raise SplitMissing(f"no {task_split} split of {task}: {path} not found (python prepare/tasks.py "
+                           f"--tasks={task} --out={task_dir} writes the splits the task has; or read the "
+                           "original files with --source=FOLDER)")
+    try:
+        records = read_task_file(path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if not records:
+        raise SplitMissing(f"{path} holds no records")
+    return records
+
+
+def check_records(task, records, where):
+    entry = task_entry(task)
+    for number, r in enumerate(records, 1):
+        if not (isinstance(r, dict) and entry["valid"](r)):
+            record_id = r.get("id", "?") if isinstance(r, dict) else "?"
+            raise EvalError(f"{where}: record {number} (id {record_id}): expected {entry['expected']}")
+
+
+def first_items(task, records, limit):
+    """The first limit records, of each subtask where the task has them (lm-eval's --limit is per subtask)."""
+    key = task_entry(task)["subtask"]
+    if not limit:
+        return records
+    if not key:
+        return records[:limit]
+    kept, seen = [], {}
+    for r in records:
+        seen[r[key]] = seen.get(r[key], 0) + 1
+        if seen[r[key]] <= limit:
+            kept.append(r)
+    return kept
+
+
+def fewshot_contexts(task, records, pool, k, seed, same_split):
+    """
+    The prompt of every record with k solved examples from pool before it, drawn as lm-evaluation-harness
+    draws them: "random" samples with one random.Random(seed) per task, in record order, dropping the record
+    itself when the pool is its own split; "first_n" takes the first k. A task with subtasks draws from the
+    record's own subtask.
+    """
+    entry = task_entry(task)
+    rng = random.Random(seed)
+    contexts = []
+    for record in records:
+        examples = []
+        if k > 0:
+            candidates = pool
+            if entry["subtask"]:
+                candidates = [r for r in pool if r.get(entry["subtask"]) == record.get(entry["subtask"])]
+            if entry["fewshot_sampler"] == "first_n":
+                examples = candidates[:k]
+            else:
+                drawn = rng.sample(candidates, k + 1 if same_split else k)
+                examples = [r for r in drawn if r != record][:k]
+        shots = "".join(f"{entry['prompt'](r)} {entry['target'](r)}\n\n" for r in examples)
+        contexts.append(entry["description"](record) + shots + entry["prompt"](record))
+    return contexts
+
+
+def prompt_ids(tokenizer, text):
+    """A base model's prompt as token ids: <|bos|> first, as our models see it at the start of every document."""
+    return tokenizer.encode(text, bos=True)
+
+
+def encode_pair(tokenizer, context, continuation):
+    """
+    (context ids, continuation ids) as lm-evaluation-harness makes them: trailing whitespace of the context
+    moves to the continuation; the continuation is whatever the whole string's tokens add after the context's.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = prompt_ids(tokenizer, context)
+    whole_ids = prompt_ids(tokenizer, context + continuation)
+    return context_ids, whole_ids[len(context_ids):]
+
+
+# -----------------------------------------------------------------------------------------------------
+# scoring
+
+
+def progress(label, total):
+    """A progress line for total steps on stderr (redrawn in place on a terminal, whole lines in a log file)."""
+    return Progress(label, lambda done, seconds:
+                    f"{progress_bar(done, total)} {done}/{total} {done / max(seconds, 1e-9):.1f}/s")
+
+
+def model_device(model):
+    return model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
+
+
+@torch.no_grad()
+def continuation_logprobs(model, requests, batch_size, label="score"):
+    """
+    Summed log-probability of each continuation given its context: requests are (context ids, continuation ids).
+    Inputs are (context + continuation)[-(max_seq_len + 1):][:-1] as in lm-eval (cut on the left). Identical
+    inputs are run once (MMLU's four one-token letters share one forward pass); the rest go longest first,
+    batch_size to a forward pass, padded on the right (causal attention: padding never changes earlier logits).
+    """
+    max_len = model.args.max_seq_len
+    rows = {}  # input ids -> [(request index, targets)]
+    for i, (context, continuation) in enumerate(requests):
+        if not continuation:
+            raise ValueError(f"request {i}: empty continuation")
+        whole = (list(context) + list(continuation))[-(max_len + 1):]
+        n_targets = min(len(continuation), len(whole) - 1)
+        rows.setdefault(tuple(whole[:-1]), []).append((i, whole[-n_targets:]))
+    inputs = sorted(rows, key=len, reverse=True)
+    scores = [0.0] * len(requests)
+    bar = progress(label, len(inputs))
+    for b in range(0, len(inputs), batch_size):
+        batch = inputs[b:b + batch_size]
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        for r, ids in enumerate(batch):
+            x[r, :len(ids)] = torch.tensor(ids)
+        logits, _ = model(x.to(model_device(model)))  # (B, T, vocab)
+        for r, ids in enumerate(batch):
+            for i, targets in rows[ids]:
+                n = len(targets)
+                logprobs = F.log_softmax(logits[r, len(ids) - n:len(ids)].float(), dim=-1)  # (n, vocab)
+                target_ids = torch.tensor(targets, device=logprobs.device)
+                scores[i] = float(logprobs.gather(-1, target_ids[:, None]).sum())
+        bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+def pick_answers(logprobs_per_choice, choices):
+    """lm-eval's acc and acc_norm predictions: argmax of the log-likelihoods, raw and per character of choice."""
+    lls = np.array(logprobs_per_choice)
+    lengths = np.array([float(len(c)) for c in choices])
+    return int(np.argmax(lls)), int(np.argmax(lls / lengths))
+
+
+@torch.no_grad()
+def letter_predictions(model, tokenizer, records, batch_size, label="letters"):
+    """
+    Chat models: the letter (A, B, ...) with the highest logit right after <|assistant_start|>, per record.
+    The question is the user turn prepare/chat.py renders (the question, its lettered choices and "Answer with
+    the letter of the correct choice."), as in the midtraining/SFT data.
+    """
+    max_len = model.args.max_seq_len
+    letter_ids = []
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        ids = tokenizer.encode(letter)
+        if len(ids) != 1:
+            raise EvalError(f"the tokenizer encodes the letter {letter!r} as {len(ids)} tokens; expected one")
+        letter_ids.append(ids[0])
+    prompts = []
+    for record in records:
+        ids = tokenizer.render_for_completion(multiple_choice_messages(record)[:1])  # the user turn only
+        prompts.append(ids[-max_len:])  # too long: keep the end (the choices and <|assistant_start|>)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    predictions = [None] * len(records)
+    bar = progress(label, len(records))
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        x = torch.zeros(len(batch), len(prompts[batch[0]]), dtype=torch.long)
+        for r, i in enumerate(batch):
+            x[r, :len(prompts[i])] = torch.tensor(prompts[i])
+        logits, _ = model(x.to(model_device(model)))
+        for r, i in enumerate(batch):
+            n_choices = len(records[i]["choices"])
+            last = logits[r, len(prompts[i]) - 1, letter_ids[:n_choices]]
+            predictions[i] = int(torch.argmax(last))
+        bar.update(len(batch))
+    bar.close()
+    return predictions
+
+
+def evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size):
+    """Base model: acc and acc_norm by log-likelihood of each choice after its context."""
+    choices = task_entry(task)["choices"]
+    requests, owners = [], []
+    for i, (record, context) in enumerate(zip(records, contexts)):
+        for choice in choices(record):
+            requests.append(encode_pair(tokenizer, context, " " + choice))
+            owners.append(i)
+    scores = continuation_logprobs(model, requests, batch_size, label=task)
+    per_record = [[] for _ in records]
+    for i, score in zip(owners, scores):
+        per_record[i].append(score)
+    items, correct, correct_norm = [], [], []
+    for record, lls in zip(records, per_record):
+        pred, pred_norm = pick_answers(lls, choices(record))
+        correct.append(int(pred == record["answer"]))
+        correct_norm.append(int(pred_norm == record["answer"]))
+        items.append({"id": record.get("id"), "answer": record["answer"], "pred": pred, "pred_norm": pred_norm,
+                      "loglikelihoods": [round(x, 4) for x in lls]})
+    chances = [1.0 / len(r["choices"]) for r in records]
+    metrics = {"acc": proportion_score(correct, chances), "acc_norm": proportion_score(correct_norm, chances)}
+    return metrics, items
+
+
+def evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size):
+    """Chat model: acc, the letter it answers."""
+    predictions = letter_predictions(model, tokenizer, records, batch_size, label=task)
+    correct = [int(p == r["answer"]) for p, r in zip(predictions, records)]
+    items = [{"id": r.get("id"), "answer": r["answer"], "pred": p} for r, p in zip(records, predictions)]
+    return {"acc": proportion_score(correct, [1.0 / len(r["choices"]) for r in records])}, items
 
 
 def render_reply(tokenizer, ids):
@@ -315,11 +472,10 @@ def render_reply(tokenizer, ids):
     return "".join(pieces)
 
 
-def generate_base_answer(model, tokenizer, context, max_new_tokens, stop="Question:"):
+def generate_base_answer(model, tokenizer, context, max_new_tokens, stop):
     """Greedy continuation of a few-shot prompt, cut at the stop string (or <|bos|>, a new document)."""
-    import engine
     budget = min(max_new_tokens, model.args.max_seq_len // 2)
-    prompt = tokenizer.encode(context, bos=True)[-(model.args.max_seq_len - budget):]  # cut on the left, as lm-eval
+    prompt = prompt_ids(tokenizer, context)[-(model.args.max_seq_len - budget):]  # cut on the left, as lm-eval
     ids = []
     for tokens, _ in engine.generate(model, tokenizer, prompt, budget, temperature=0.0, tools=False,
                                      stop_tokens=[tokenizer.bos_id]):
@@ -331,12 +487,76 @@ def generate_base_answer(model, tokenizer, context, max_new_tokens, stop="Questi
     return tokenizer.decode(ids).split(stop)[0]
 
 
-def generate_chat_answer(model, tokenizer, question, max_new_tokens):
-    """The chat model's greedy reply to the question, calculator on."""
-    import engine
-    _, ids = engine.generate_reply(model, tokenizer, [{"role": "user", "content": question}],
-                                   max_new_tokens=max_new_tokens, temperature=0.0, tools=True)
+def generate_chat_answer(model, tokenizer, messages, max_new_tokens):
+    """The chat model's greedy reply to the conversation, calculator on."""
+    _, ids = engine.generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=0.0,
+                                   tools=True)
     return render_reply(tokenizer, ids)
+
+
+def evaluate_answers(task, model, tokenizer, records, contexts, chat, max_new_tokens):
+    """Generated answers (greedy), each of the task's extractions compared with the reference answer."""
+    entry = task_entry(task)
+    items, correct = [], {metric: [] for metric in entry["extract"]}
+    bar = progress(task, len(records))
+    for record, context in zip(records, contexts or [None] * len(records)):
+        if chat:
+            completion = generate_chat_answer(model, tokenizer, entry["chat_messages"](record), max_new_tokens)
+        else:
+            completion = generate_base_answer(model, tokenizer, context, max_new_tokens, entry["stop"])
+        gold = entry["gold"](record)
+        item = {"id": record.get("id"), "answer": gold}
+        for metric, extract in entry["extract"].items():
+            item[metric] = extract(completion)
+            correct[metric].append(int(item[metric] == gold))
+        items.append({**item, "completion": completion})
+        bar.update()
+    bar.close()
+    no_chance = [0.0] * len(records)  # guessing never finds the answer
+    return {metric: proportion_score(right, no_chance) for metric, right in correct.items()}, items
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokens, n_tokens_split, n_bytes_split, vocab_size, batch_size, limit=0):
+    """
+    Bits per byte of a token array: non-overlapping windows of max_seq_len predicted tokens, nats per token
+    -> bits per token -> x tokens per byte of the split (meta.json's counts, as train.py's estimate_loss).
+    """
+    block = model.args.max_seq_len
+    starts = list(range(0, len(tokens) - 1, block))
+    if limit:
+        starts = starts[:limit]
+    if not starts:
+        raise EvalError(f"bpb: the val split has {len(tokens)} tokens; it needs at least 2")
+    window_nats, window_counts = [], []
+    bar = progress("bpb", len(starts))
+    # the last window may be shorter: windows of equal length go together
+    groups = {}
+    for s in starts:
+        groups.setdefault(min(block, len(tokens) - 1 - s), []).append(s)
+    for length, group in groups.items():
+        for b in range(0, len(group), batch_size):
+            batch = group[b:b + batch_size]
+            windows = [np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in batch]
+            x = torch.from_numpy(np.stack(windows)).to(model_device(model))  # (B, length + 1)
+            _, loss = model(x[:, :-1], x[:, 1:], loss_reduction="none")  # (B, length)
+            window_nats += loss.float().sum(dim=1).tolist()
+            window_counts += [length] * len(batch)
+            bar.update(len(batch))
+    bar.close()
+    tokens_per_byte = n_tokens_split / max(1, n_bytes_split)
+    to_bpb = tokens_per_byte / math.log(2)
+    nats_per_token = sum(window_nats) / sum(window_counts)
+    value = nats_per_token * to_bpb
+    per_window = np.array(window_nats) / np.array(window_counts) * to_bpb
+    stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else None
+    baseline = math.log2(vocab_size) * tokens_per_byte  # a model that gives every token the same probability
+    z_99_one_sided = 2.3263  # the normal quantile: above the baseline by more than this many stderrs
+    above = None if not stderr else bool((baseline - value) / stderr > z_99_one_sided)
+    return {"bpb": {"value": value, "stderr": stderr,
+                    "ci95": [value - 1.96 * stderr, value + 1.96 * stderr] if stderr else [None, None],
+                    "n": len(per_window), "tokens": int(sum(window_counts)), "random_baseline": baseline,
+                    "above_baseline_99": above, "lower_is_better": True}}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -356,7 +576,9 @@ def chance_tail(k, chances):
     """P(at least k right) for a guesser right on item i with probability chances[i] (Poisson binomial)."""
     distribution = np.ones(1)
     for p in chances:
-        distribution = np.concatenate([distribution * (1 - p), [0.0]]) + np.concatenate([[0.0], distribution * p])
+        wrong = np.concatenate([distribution * (1 - p), [0.0]])  # j right so far, this one wrong: still j
+        right = np.concatenate([[0.0], distribution * p])  # this one right: j + 1
+        distribution = wrong + right
     return float(min(1.0, distribution[k:].sum()))
 
 
@@ -373,157 +595,12 @@ def proportion_score(correct, chances):
 
 
 # -----------------------------------------------------------------------------------------------------
-# tasks
-
-
-def load_records(task, task_split, task_dir, source):
-    """Normalized records of a task split, or None when that split is not there."""
-    from prepare.tasks import load_task, read_task_file
-    if source:
-        try:
-            return load_task(task, task_split, source)
-        except (ValueError, KeyError) as e:
-            raise EvalError(f"{task} {task_split} in {source}: {e}") from None
-    path = os.path.join(task_dir, task, f"{task_split}.jsonl")
-    if not os.path.exists(path):
-        return None
-    try:
-        return read_task_file(path)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
-
-
-def check_records(task, records, where):
-    for number, r in enumerate(records, 1):
-        if task == "gsm8k":
-            ok = isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
-            expected = '{"question": str, "answer": "<number>", "solution": str}'
-        else:
-            ok = (isinstance(r.get("question"), str) and isinstance(r.get("choices"), list) and len(r["choices"]) >= 2
-                  and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"])
-                  and (task != "mmlu" or (len(r["choices"]) == 4 and "subject" in r)))
-            expected = '{"question": str, "choices": [str, ...], "answer": <index of the right choice>}'
-        if not ok:
-            raise EvalError(f"{where}: record {number} (id {r.get('id', '?')}): expected {expected}")
-
-
-def first_items(task, records, limit):
-    """The first limit records; for MMLU the first limit of each subject (lm-eval's --limit is per subtask)."""
-    if not limit:
-        return records
-    if task != "mmlu":
-        return records[:limit]
-    kept, seen = [], {}
-    for r in records:
-        seen[r["subject"]] = seen.get(r["subject"], 0) + 1
-        if seen[r["subject"]] <= limit:
-            kept.append(r)
-    return kept
-
-
-def evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size):
-    """Base model: acc and acc_norm by log-likelihood of each choice after its context."""
-    requests, owners = [], []
-    for i, (record, context) in enumerate(zip(records, contexts)):
-        for choice in choice_texts(task, record):
-            requests.append(encode_pair(tokenizer, context, " " + choice))
-            owners.append(i)
-    scores = continuation_logprobs(model, requests, batch_size, label=task)
-    per_record = [[] for _ in records]
-    for i, score in zip(owners, scores):
-        per_record[i].append(score)
-    items, correct, correct_norm = [], [], []
-    for record, lls in zip(records, per_record):
-        pred, pred_norm = pick_answers(lls, choice_texts(task, record))
-        correct.append(int(pred == record["answer"]))
-        correct_norm.append(int(pred_norm == record["answer"]))
-        items.append({"id": record.get("id"), "answer": record["answer"], "pred": pred, "pred_norm": pred_norm,
-                      "loglikelihoods": [round(x, 4) for x in lls]})
-    chances = [1.0 / len(r["choices"]) for r in records]
-    metrics = {"acc": proportion_score(correct, chances), "acc_norm": proportion_score(correct_norm, chances)}
-    return metrics, items
-
-
-def evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size):
-    predictions = letter_predictions(model, tokenizer, records, batch_size, label=task)
-    correct = [int(p == r["answer"]) for p, r in zip(predictions, records)]
-    items = [{"id": r.get("id"), "answer": r["answer"], "pred": p} for r, p in zip(records, predictions)]
-    return {"acc": proportion_score(correct, [1.0 / len(r["choices"]) for r in records])}, items
-
-
-def evaluate_gsm8k(model, tokenizer, records, contexts, chat, max_new_tokens):
-    items, strict, flexible = [], [], []
-    progress = Progress("gsm8k", len(records))
-    for record, context in zip(records, contexts or [None] * len(records)):
-        if chat:
-            completion = generate_chat_answer(model, tokenizer, record["question"], max_new_tokens)
-        else:
-            completion = generate_base_answer(model, tokenizer, context, max_new_tokens)
-        gold = normalize_answer(record["answer"])
-        answer_strict, answer_flexible = extract_answer_strict(completion), extract_answer_flexible(completion)
-        strict.append(int(answer_strict == gold))
-        flexible.append(int(answer_flexible == gold))
-        items.append({"id": record.get("id"), "answer": gold, "strict": answer_strict, "flexible": answer_flexible,
-                      "completion": completion})
-        progress.update()
-    no_chance = [0.0] * len(records)  # guessing never finds the number
-    return {"strict": proportion_score(strict, no_chance), "flexible": proportion_score(flexible, no_chance)}, items
-
-
-@torch.no_grad()
-def bits_per_byte(model, tokens, n_tokens_split, n_bytes_split, vocab_size, batch_size, limit=0):
-    """
-    Bits per byte of a token array: non-overlapping windows of max_seq_len predicted tokens, nats per token
-    -> bits per token -> x tokens per byte of the split (meta.json's counts, as train.py's estimate_loss).
-    """
-    device = model.tok_embeddings.weight.device if hasattr(model, "tok_embeddings") else "cpu"
-    block = model.args.max_seq_len
-    starts = list(range(0, len(tokens) - 1, block))
-    if limit:
-        starts = starts[:limit]
-    if not starts:
-        raise EvalError(f"bpb: the val split has {len(tokens)} tokens; it needs at least 2")
-    window_nats, window_counts = [], []
-    progress = Progress("bpb", len(starts))
-    # the last window may be shorter: windows of equal length go together
-    groups = {}
-    for s in starts:
-        groups.setdefault(min(block, len(tokens) - 1 - s), []).append(s)
-    for length, group in groups.items():
-        for b in range(0, len(group), batch_size):
-            batch = group[b:b + batch_size]
-            window = torch.from_numpy(np.stack([np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in batch]))
-            _, loss = model(window[:, :-1].to(device), window[:, 1:].to(device), loss_reduction="none")  # (B, T)
-            window_nats += loss.float().sum(dim=1).tolist()
-            window_counts += [length] * len(batch)
-            progress.update(len(batch))
-    tokens_per_byte = n_tokens_split / max(1, n_bytes_split)
-    to_bpb = tokens_per_byte / math.log(2)
-    nats_per_token = sum(window_nats) / sum(window_counts)
-    value = nats_per_token * to_bpb
-    per_window = np.array(window_nats) / np.array(window_counts) * to_bpb
-    stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else None
-    baseline = math.log2(vocab_size) * tokens_per_byte  # a model that gives every token the same probability
-    above = None if not stderr else bool((baseline - value) / stderr > Z_99_ONE_SIDED)
-    return {"bpb": {"value": value, "stderr": stderr,
-                    "ci95": [value - 1.96 * stderr, value + 1.96 * stderr] if stderr else [None, None],
-                    "n": len(per_window), "tokens": int(sum(window_counts)), "random_baseline": baseline,
-                    "above_baseline_99": above, "lower_is_better": True}}
-
-
-# -----------------------------------------------------------------------------------------------------
 # the report card beside the checkpoint
 
 
 def headline_metrics(task, task_mode):
     """The numbers the report card's table shows per task (the ones usually quoted)."""
-    if task == "gsm8k":
-        return ["strict", "flexible"]
-    if task == "bpb":
-        return ["bpb"]
-    if task_mode == "chat" or task == "mmlu":
-        return ["acc"]
-    return ["acc_norm"]
+    return task_entry(task)["headline"][task_mode]
 
 
 def summary(result):
@@ -534,7 +611,8 @@ def summary(result):
             continue
         for metric in headline_metrics(task, result["mode"]):
             m = task_result["metrics"][metric]
-            scores[task if metric == task else f"{task} {metric}"] = {k: m[k] for k in ("value", "stderr", "random_baseline", "above_baseline_99")}
+            scores[task if metric == task else f"{task} {metric}"] = {
+                k: m[k] for k in ("value", "stderr", "random_baseline", "above_baseline_99")}
     return {k: result[k] for k in ("checkpoint", "step", "tokens_seen", "mode", "split", "limit", "num_fewshot",
                                    "time", "results_file")} | {"scores": scores}
 
@@ -557,11 +635,12 @@ def format_score(metric, score):
 
 def write_report(folder, history):
     """eval_report.md (a row per evaluation) and eval_scores.png, rebuilt from eval_history.jsonl."""
+    order = list(TASKS)
     columns = sorted({key for row in history for key in row["scores"]},
-                     key=lambda key: (ALL_TASKS.index(key.split()[0]) if key.split()[0] in ALL_TASKS else 99, key))
+                     key=lambda key: (order.index(key.split()[0]) if key.split()[0] in order else 99, key))
     lines = [f"# Evaluation report: {folder}", "",
-             "Scores in % (bpb in bits per byte) ± standard error; ~ marks a score not above the random baseline "
-             "at 99%. Written by eval.py; one row per evaluated checkpoint.", "",
+             "Scores in % (bpb in bits per byte) ± standard error; ~ marks a score not above the random "
+             "baseline at 99%. Written by eval.py; one row per evaluated checkpoint.", "",
              "| checkpoint | step | mode | split | limit | " + " | ".join(columns) + " |",
              "| --- | ---: | --- | --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     for row in history:
@@ -570,53 +649,15 @@ def write_report(folder, history):
         cells += [format_score(c, row["scores"][c]) if c in row["scores"] else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     baselines = {c: row["scores"][c]["random_baseline"] for row in history for c in row["scores"]}
-    lines += ["", "Random baselines: " + ", ".join(
-        f"{c} {b:.3f}" if "bpb" in c else f"{c} {b * 100:.1f}%" for c, b in baselines.items() if b is not None), "",
-        "![scores over checkpoints](eval_scores.png)", "",
-        "Each evaluation's full result (every metric, 95% intervals, each item's prediction) is in the JSON file "
-        "named in eval_history.jsonl.", ""]
+    baseline_texts = [f"{c} {b:.3f}" if "bpb" in c else f"{c} {b * 100:.1f}%" for c, b in baselines.items()
+                      if b is not None]
+    lines += ["", "Random baselines: " + ", ".join(baseline_texts), "",
+              "![scores over checkpoints](eval_scores.png)", "",
+              "Each evaluation's full result (every metric, 95% intervals, each item's prediction) is in the "
+              "JSON file named in eval_history.jsonl.", ""]
     with open(os.path.join(folder, "eval_report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    plot_scores(history, os.path.join(folder, "eval_scores.png"))
-
-
-def plot_scores(history, path):
-    """Each headline score over checkpoint steps, one line per score (and per mode and split when they vary)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    kinds = sorted({(row["mode"], row["split"]) for row in history})
-    series = {}  # label -> [(step, score)]
-    for i, row in enumerate(history):
-        step = row["step"] if row["step"] is not None else i
-        for key, score in row["scores"].items():
-            if score["value"] is not None:
-                label = key + (f" ({row['mode']}, {row['split']})" if len(kinds) > 1 else "")
-                series.setdefault(label, []).append((step, score))
-    groups = [g for g in ([k for k in series if not k.startswith("bpb")], [k for k in series if k.startswith("bpb")]) if g]
-    if not groups:
-        return
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
-    for ax, group in zip(axes[0], groups):
-        scale = 1.0 if group[0].startswith("bpb") else 100.0
-        for n, label in enumerate(group):
-            points = sorted(series[label], key=lambda p: p[0])
-            color = f"C{n % 10}"
-            ax.plot([s for s, _ in points], [p["value"] * scale for _, p in points], "o-", color=color, label=label)
-            baseline = points[-1][1].get("random_baseline")
-            if baseline is not None:
-                ax.axhline(baseline * scale, color=color, ls=":", lw=1)
-        ax.set_xlabel("checkpoint step")
-        ax.set_ylabel("bits per byte" if scale == 1.0 else "score (%)")
-        ax.set_title("dotted: random baseline")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_eval_scores(history, os.path.join(folder, "eval_scores.png"))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -624,7 +665,6 @@ def plot_scores(history, path):
 
 def run_bpb(model, tokenizer, checkpoint):
     """bpb on the val split of bpb_data (default: the source the checkpoint was trained on)."""
-    from data import open_tokens, read_meta
     config = checkpoint.get("config", {})
     name = bpb_data or str(config.get("data", "")).split(",")[0].split(":")[0]
     folder = os.path.join(data_dir or config.get("data_dir", "data"), name)
@@ -645,26 +685,30 @@ def run_bpb(model, tokenizer, checkpoint):
 
 def run_task(task, model, tokenizer, eval_mode):
     """One benchmark: its records, few-shot prompts (base models), scores and each item's prediction."""
-    task_split = "val" if (task == "hellaswag" and split == "test") else split
-    records = load_records(task, task_split, task_dir, source)
-    if not records:
-        hint = "this copy does not have it" if source else f"run python prepare/tasks.py --tasks={task}"
-        return {"skipped": f"no {task_split} split of {task} in {source or task_dir} ({hint})"}
-    records = [r for r in records if task == "gsm8k" or r.get("answer") != -1]  # HellaSwag's unlabelled rows
+    entry = task_entry(task)
+    task_split = entry["test_split"] if split == "test" else split
+    try:
+        records = load_records(task, task_split, task_dir, source)
+    except SplitMissing as e:
+        return {"skipped": str(e)}
+    if entry["kind"] == "choice":
+        records = [r for r in records if r.get("answer") != -1]  # HellaSwag's unlabelled rows
     check_records(task, records, os.path.join(source or task_dir, task, task_split))
     records = first_items(task, records, limit)
-    k = 0 if eval_mode == "chat" else (num_fewshot if num_fewshot >= 0 else (5 if task == "gsm8k" else 0))
+    k = 0 if eval_mode == "chat" else (num_fewshot if num_fewshot >= 0 else entry["num_fewshot"])
     contexts = None
     if eval_mode == "base":
         pool = []
         if k > 0:
-            pool = load_records(task, FEWSHOT_SPLIT[task], task_dir, source)  # the whole split, whatever the limit
-            if not pool:
-                raise EvalError(f"{task}: {k}-shot needs its {FEWSHOT_SPLIT[task]} split for the examples, which is "
-                                f"not in {source or task_dir}; use --num_fewshot=0")
-        contexts = fewshot_contexts(task, records, pool, k, fewshot_seed, FEWSHOT_SPLIT[task] == task_split)
-    if task == "gsm8k":
-        metrics, items = evaluate_gsm8k(model, tokenizer, records, contexts, eval_mode == "chat", max_new_tokens)
+            try:  # the whole split, whatever the limit
+                pool = load_records(task, entry["fewshot_split"], task_dir, source)
+            except SplitMissing as e:
+                raise EvalError(f"{task}: {k}-shot takes its examples from the {entry['fewshot_split']} split: "
+                                f"{e}; or use --num_fewshot=0") from None
+        contexts = fewshot_contexts(task, records, pool, k, fewshot_seed, entry["fewshot_split"] == task_split)
+    if entry["kind"] == "answer":
+        metrics, items = evaluate_answers(task, model, tokenizer, records, contexts, eval_mode == "chat",
+                                          max_new_tokens)
     elif eval_mode == "chat":
         metrics, items = evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size)
     else:
@@ -678,9 +722,9 @@ def run_task(task, model, tokenizer, eval_mode):
 def main():
     t_start = time.time()
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in task_list if t not in ALL_TASKS]
-    if unknown or not task_list:
-        raise EvalError(f"tasks={tasks!r}: unknown {unknown}; expected a comma-separated list of {', '.join(ALL_TASKS)}")
+    if not task_list:
+        raise EvalError(f"tasks={tasks!r}: expected a comma-separated list of {', '.join(TASKS)}")
+    entries = {task: task_entry(task) for task in task_list}
     if split not in ("test", "val", "train", "dev"):
         raise EvalError(f"split={split!r}: expected test, val, train or dev")
     if mode not in ("auto", "base", "chat"):
@@ -690,34 +734,23 @@ def main():
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
 
-    from checkpoint import checkpoint_in, load_checkpoint
-
-    from common import pick_device
-    ckpt_path = ckpt
-    if not ckpt_path:
-        ckpt_path = checkpoint_in(out_dir)
-    run_device = pick_device(device)
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
+    ckpt_path = ckpt or checkpoint_in(out_dir)
+    run_device, _, run_dtype, autocast = setup_device(device, dtype, num_threads=num_threads)
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt_path, run_device)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
-    run_dtype = dtype if dtype != "auto" else ("bfloat16" if run_device.startswith("cuda") else "float32")
-    if run_dtype not in ("float32", "bfloat16", "float16"):
-        raise EvalError(f"dtype={dtype!r}: expected auto, float32, bfloat16 or float16")
-    autocast = nullcontext() if run_dtype == "float32" else \
-        torch.autocast(device_type=run_device.split(":")[0], dtype=getattr(torch, run_dtype))
     eval_mode = mode if mode != "auto" else ("chat" if checkpoint.get("data_format") == "chat" else "base")
     step = checkpoint.get("iter_num")
-    print(f"{ckpt_path}: step {step}, {eval_mode} model, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"max_seq_len {model.args.max_seq_len}, device {run_device} ({run_dtype})", file=sys.stderr)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{ckpt_path}: step {step}, {eval_mode} model, {n_params:,} parameters, max_seq_len "
+          f"{model.args.max_seq_len}, device {run_device} ({run_dtype})", file=sys.stderr)
 
     results = {}
-    for task in task_list:
+    for task, entry in entries.items():
         t0 = time.time()
         with autocast:
-            if task == "bpb":
+            if entry["kind"] == "bpb":
                 results[task] = run_bpb(model, tokenizer, checkpoint)
             else:
                 results[task] = run_task(task, model, tokenizer, eval_mode)
@@ -733,9 +766,10 @@ def main():
     if ckpt_path.startswith("hf:"):  # an imported model: its results go to out_dir, not into its folder
         folder, name = out_dir, "hf_" + os.path.basename(os.path.normpath(ckpt_path[len("hf:"):]))
     result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
-    result = {"checkpoint": os.path.abspath(ckpt_path), "step": step, "tokens_seen": checkpoint.get("tokens_seen"),
-              "mode": eval_mode, "split": split, "limit": limit, "num_fewshot": num_fewshot,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t_start, 2),
+    result = {"checkpoint": os.path.abspath(ckpt_path), "step": step,
+              "tokens_seen": checkpoint.get("tokens_seen"), "mode": eval_mode, "split": split, "limit": limit,
+              "num_fewshot": num_fewshot, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "seconds": round(time.time() - t_start, 2),
               "device": run_device, "results_file": os.path.abspath(result_path), "tasks": results}
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
     with open(result_path, "w", encoding="utf-8") as f:
@@ -750,16 +784,14 @@ def main():
         for metric, m in results[task]["metrics"].items():
             interval = f"[{format_value(metric, m['ci95'][0])}, {format_value(metric, m['ci95'][1])}]"
             mark = "" if m["above_baseline_99"] else "  (not above random at 99%)"
-            print(f"{task:14s} {metric:9s} {format_value(metric, m['value']):>8s} {format_value(metric, m['stderr']):>7s} "
-                  f"{interval:>17s} {format_value(metric, m['random_baseline']):>7s}  {m['n']}{mark}")
+            print(f"{task:14s} {metric:9s} {format_value(metric, m['value']):>8s} "
+                  f"{format_value(metric, m['stderr']):>7s} {interval:>17s} "
+                  f"{format_value(metric, m['random_baseline']):>7s}  {m['n']}{mark}")
     print(f"\nresults: {result_path} ({time.time() - t_start:.1f}s)")
 
     if report:
         history_path = os.path.join(folder, "eval_history.jsonl")
-        history = []
-        if os.path.exists(history_path):
-            with open(history_path, encoding="utf-8") as f:
-                history = [json.loads(line) for line in f if line.strip()]
+        history = read_jsonl(history_path) if os.path.exists(history_path) else []
         row = summary(result)
         same = ("checkpoint", "step", "mode", "split", "limit", "num_fewshot")
         # evaluating the same checkpoint the same way again replaces its row
@@ -772,10 +804,8 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import ConfigError, configure
+    configure(globals())
     try:
-        configure(globals())
         main()
-    except (EvalError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except EvalError as e:
+        fail(str(e))

@@ -159,6 +159,19 @@ def test_fewshot_examples_are_seeded_and_never_the_question_itself():
     assert context.index(same_subject[0]["question"].strip()) < context.index(same_subject[1]["question"].strip())
 
 
+def test_a_missing_task_file_or_folder_is_named_with_what_to_do(tmp_path):
+    with pytest.raises(ev.SplitMissing) as missing:  # eval.py skips the task with this message
+        ev.load_records("arc_easy", "val", str(tmp_path), "")
+    path = tmp_path / "arc_easy" / "val.jsonl"
+    assert f"{path} not found (python prepare/tasks.py --tasks=arc_easy" in str(missing.value)
+    with pytest.raises(ev.EvalError, match="nothing: no such folder; --source expects a folder laid out like"):
+        ev.load_records("arc_easy", "val", "", str(tmp_path / "nothing"))
+    (tmp_path / "arc_easy").mkdir()  # a copy without that split
+    with pytest.raises(ev.SplitMissing) as missing:
+        ev.load_records("arc_easy", "val", "", str(tmp_path))
+    assert f"no val split of arc_easy in {tmp_path}" in str(missing.value)
+
+
 def test_statistics():
     score = ev.proportion_score([1, 1, 0, 0], [0.25] * 4)
     assert score["value"] == 0.5 and score["stderr"] == pytest.approx(math.sqrt(0.25 / 3))
@@ -178,6 +191,7 @@ def test_end_to_end_on_a_tiny_checkpoint(data_dir, tmp_path):
     result = run_stage("eval.py", "--ckpt", out / "best.pt", "--tasks", "arc_easy,mmlu,hellaswag,gsm8k,bpb",
                        "--split", "val", "--limit", "3", *common)
     assert "gsm8k: skipped" in result.stderr  # no GSM8K val split in ../shared/data
+    assert "\r" not in result.stderr  # progress written to a file (not a terminal) is whole lines
     saved = json.loads((out / "eval_best_step10_base_val.json").read_text())
     assert saved["tasks"]["mmlu"]["n"] == 3 * 57 and saved["tasks"]["hellaswag"]["n"] == 3
     for metric in ("acc", "acc_norm"):

@@ -359,6 +359,21 @@ def find_base_checkpoint(checkpoint, path):
     return base_path
 
 
+def lora_base_entries(base, out_dir, sha256=None):
+    """
+    What an adapter checkpoint written to out_dir records about its base model (find_base_checkpoint reads
+    it): the base's absolute path ('hf:' + the folder of an imported model or Hub id), the same path relative
+    to out_dir (a folder moved together with its base still finds it), and the base's sha256. A new adapter
+    run passes the base as given (it is resolved and hashed here); a resumed one its recorded path and sha256.
+    """
+    prefix = "hf:" if base.startswith("hf:") else ""
+    path = base[len(prefix):]
+    if sha256 is None:
+        path = os.path.abspath(hf_folder(path) if prefix else path)
+        sha256 = checkpoint_sha256(prefix + path)
+    relative = os.path.relpath(path, os.path.abspath(out_dir))
+    return {"base_checkpoint": prefix + path, "base_checkpoint_relative": prefix + relative, "base_sha256": sha256}
+
 def build_model(checkpoint, path, device="cpu"):
     """
     The model a checkpoint describes. A LoRA checkpoint is applied on its verified base model and left

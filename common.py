@@ -51,17 +51,21 @@ def pick_device(requested="auto"):
     return "cpu"
 
 
-def setup_device(device="auto", dtype="auto", seed=None, num_threads=0):
+def setup_device(device="auto", dtype="auto", seed=None, num_threads=0, local_rank=None):
     """
     The rule every stage follows: device 'auto' is cuda > mps > cpu; dtype 'auto' is bfloat16 on a GPU that
     has it, float16 on an older GPU (train.py and rl.py then scale the loss), float32 elsewhere. Matmuls
     run in the chosen dtype under autocast, the weights stay float32. Returns (device, device_type, dtype,
-    autocast context). Seeds torch when seed is given; num_threads > 0 sets torch's CPU threads.
+    autocast context). Seeds torch when seed is given; num_threads > 0 sets torch's CPU threads. Under
+    torchrun (local_rank given), each process of a machine takes its own GPU: cuda:<local_rank>.
     """
     import torch
     from contextlib import nullcontext
     device = pick_device(device)
     device_type = device.split(":")[0]
+    if local_rank is not None and device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
     if dtype == "auto":
         if device_type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -224,6 +228,62 @@ def save_figure(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_losses(log_path, png_path, title):
+    """train.py's loss.png from its log.jsonl: the loss per logged step, train and val loss per evaluation."""
+    plt = pyplot()
+    if plt is None:
+        return
+    records = read_jsonl(log_path)
+    steps = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if steps:
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6,
+                label="train (step)")
+    if evals:
+        ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, png_path)
+
+
+def plot_rewards(log_path, png_path, title, max_reward=1.0):
+    """rl.py's reward.png from its log.jsonl: mean reward per step, held-out accuracy per evaluation."""
+    plt = pyplot()
+    if plt is None:
+        return
+    records = read_jsonl(log_path)
+    steps = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if steps:
+        iters, rewards = [r["iter"] for r in steps], [r["mean_reward"] for r in steps]
+        ax.plot(iters, rewards, lw=0.8, alpha=0.4, label="mean reward (training samples)")
+        # the reward of one step is noisy: a moving average shows the trend
+        window = min(10, len(rewards))
+        smoothed = [sum(rewards[i - window:i]) / window for i in range(window, len(rewards) + 1)]
+        ax.plot(iters[window - 1:], smoothed, lw=1.5, color="C0", label=f"mean reward, {window}-step average")
+    if evals:
+        iters, last = [r["iter"] for r in evals], evals[-1]
+        ax.errorbar(iters, [r["accuracy"] for r in evals], yerr=[r["accuracy_stderr"] for r in evals],
+                    fmt="o-", capsize=3, label=f"held-out greedy accuracy ({last['n_problems']} problems)")
+        if "k" in last:
+            ax.errorbar(iters, [r["pass_at_1"] for r in evals], yerr=[r["pass_at_1_stderr"] for r in evals],
+                        fmt="s-", capsize=3, label="held-out pass@1")
+            ax.plot(iters, [r["pass_at_k"] for r in evals], "^--", label=f"held-out pass@{last['k']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, max_reward + 0.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, png_path)
 
 
 def plot_eval_scores(history, path):

@@ -5,7 +5,7 @@ Reinforcement learning on verifiable rewards: a chat model answers problems whos
     python rl.py config/rl_arith.py                          # from out/arith_sft/ckpt.pt, minutes on a CPU
     python rl.py config/rl.py --init_from=out/sft/ckpt.pt    # GSM8K on a GPU
     python rl.py config/rl_arith.py --init_from=resume       # continue out_dir/ckpt.pt
-    python rl.py config/rl_arith.py --eval_only=True --init_from=out/arith_sft/ckpt.pt   # measure a checkpoint
+    python rl.py config/rl_arith.py --eval_only=True --init_from=out/arith_sft/ckpt.pt  # measure a checkpoint
 
 Each step:
   1. take num_prompts problems from the task's train split; the engine samples num_samples (K) replies to
@@ -28,19 +28,17 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
 import engine
-from configurator import ConfigError, configure
 from checkpoint import load_checkpoint, save_checkpoint
-from common import pick_device
+from common import Progress, StopSignals, append_jsonl, fail, plot_rewards, setup_device
+from configurator import configure
 from model import configure_optimizer, count_params
 
 # -----------------------------------------------------------------------------------------------------
@@ -67,7 +65,7 @@ top_k = 0  # 0 = off
 tools = True  # the calculator: <|python_start|>expr<|python_end|> is answered by the engine
 # reward and loss
 format_reward = 0.0  # added to the reward of a reply that ends with '#### <number>', right or wrong
-normalize_advantages = False  # divide advantages by the std of the K rewards (GRPO); False: reward - mean only
+normalize_advantages = False  # divide advantages by the std of the K rewards (GRPO); False: reward - mean
 kl_coef = 0.0  # weight of the KL penalty to the starting model (0 = off; > 0 keeps a frozen copy in memory)
 # optimizer (AdamW): warmup then constant or linear decay to 0 at max_iters
 learning_rate = 1e-4
@@ -80,13 +78,14 @@ beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping
 # system
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on CUDA, float32 elsewhere) | 'float32' | 'bfloat16'
+dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16' (float16 uses a gradient scaler), as in train.py
 seed = 1337
 num_threads = 0  # CPU threads for torch; 0 = torch's default (all cores)
 # -----------------------------------------------------------------------------------------------------
 
-# The pieces of one step, as plain functions: tests/test_rl.py imports them (the script itself starts at
-# the `__main__` line below).
+# The pieces of one step and of an evaluation, as plain functions above the script: tests/test_rl.py imports
+# them without running it. The script itself is the `if __name__ == "__main__":` block at the end, read top to
+# bottom like train.py, its state at module level.
 
 NUMBER_PATTERN = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -137,7 +136,7 @@ def has_answer_format(text):
 
 
 def score_reply(tokenizer, tokens, answer, format_bonus=0.0):
-    """(reward, correct) of one reply: 1 for the right answer, plus format_bonus for a '#### <number>' ending."""
+    """(reward, correct) of one reply: 1 for the right answer, + format_bonus for a '#### <number>' ending."""
     text = reply_text(tokenizer, tokens)
     correct = is_correct(extract_answer(text), answer)
     return float(correct) + (format_bonus if has_answer_format(text) else 0.0), correct
@@ -190,8 +189,8 @@ def policy_gradient_terms(model, x, targets, advantages, ref_model=None):
 def sample_replies(model, tokenizer, prompt, n, max_tokens, temperature, top_k, seed, with_tools):
     """n replies to prompt from the engine, each (tokens, forced): forced marks the tool's output tokens."""
     replies = [([], []) for _ in range(n)]
-    for tokens, forced in engine.generate(model, tokenizer, prompt, max_tokens, temperature=temperature, top_k=top_k,
-                                          seed=seed, num_samples=n, tools=with_tools):
+    for tokens, forced in engine.generate(model, tokenizer, prompt, max_tokens, temperature=temperature,
+                                          top_k=top_k, seed=seed, num_samples=n, tools=with_tools):
         for i, (token, was_forced) in enumerate(zip(tokens, forced)):
             if token is not None:
                 replies[i][0].append(token)
@@ -212,13 +211,29 @@ def read_problems(path):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or "question" not in record or "answer" not in record:
-                    raise ValueError(f"{path}:{number}: expected {{\"question\": ..., \"answer\": \"<number>\"}}")
+                    raise ValueError(f"{path}:{number}: expected "
+                                     "{\"question\": ..., \"answer\": \"<number>\"}")
                 problems.append(record)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: run prepare/arithmetic.py (or prepare/tasks.py for GSM8K)") from None
+        raise FileNotFoundError(f"{path} not found: run prepare/arithmetic.py (or prepare/tasks.py for "
+                                "GSM8K)") from None
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
+
+
+def read_task(tokenizer, path, max_seq_len):
+    """The problems of a task file whose question fits the model with room to answer, and their prompts."""
+    problems = read_problems(path)
+    prompts = [tokenizer.render_for_completion([{"role": "user", "content": problem["question"]}])
+               for problem in problems]
+    keep = [i for i, prompt in enumerate(prompts) if len(prompt) + 2 <= max_seq_len]
+    if not keep:
+        raise ValueError(f"{path}: every question is longer than the model's max_seq_len={max_seq_len}")
+    if len(keep) < len(prompts):
+        print(f"{path}: skipping {len(prompts) - len(keep)} problems longer than max_seq_len",
+              file=sys.stderr)
+    return [problems[i] for i in keep], [prompts[i] for i in keep]
 
 
 def standard_error(values):
@@ -226,33 +241,79 @@ def standard_error(values):
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
+def get_lr(it):
+    """Linear warmup, then constant, or (decay_lr) a linear decay to 0 at max_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    return learning_rate * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, prompts, autocast):
+    """
+    Greedy accuracy, pass@1 and pass@K (eval_samples samples each) and mean reward on the held-out
+    problems, with standard errors over problems. Fixed seeds: every evaluation sees the same draws.
+    """
+    model.eval()
+    greedy, pass1, passk, rewards = [], [], [], []
+    t0 = time.time()
+    progress = Progress("  evaluating", lambda done, seconds: f"{done}/{len(problems)} problems, "
+                                                             f"greedy accuracy so far {np.mean(greedy):.3f}")
+    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+        with autocast:
+            (tokens, _), = sample_replies(model, tokenizer, prompt, 1, max_new_tokens, 0.0, 0, None, tools)
+            greedy.append(float(score_reply(tokenizer, tokens, problem["answer"])[1]))
+            if eval_samples:
+                replies = sample_replies(model, tokenizer, prompt, eval_samples, max_new_tokens, temperature,
+                                         top_k, seed + 1_000_003 + i, tools)
+                scores = [score_reply(tokenizer, t, problem["answer"], format_reward) for t, _ in replies]
+                pass1.append(np.mean([c for _, c in scores]))
+                passk.append(float(any(c for _, c in scores)))
+                rewards.append(np.mean([r for r, _ in scores]))
+        progress.update()
+    progress.close()
+    model.train()
+    result = {"n_problems": len(problems), "accuracy": float(np.mean(greedy)),
+              "accuracy_stderr": standard_error(greedy), "eval_time_s": round(time.time() - t0, 2)}
+    if eval_samples:
+        result.update({"k": eval_samples,
+                       "pass_at_1": float(np.mean(pass1)), "pass_at_1_stderr": standard_error(pass1),
+                       "pass_at_k": float(np.mean(passk)), "pass_at_k_stderr": standard_error(passk),
+                       "mean_reward": float(np.mean(rewards)), "mean_reward_stderr": standard_error(rewards)})
+    return result
+
+
+def describe_evaluation(result):
+    text = f"greedy accuracy {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
+    if "k" in result:
+        text += (f", pass@1 {result['pass_at_1']:.3f} ± {result['pass_at_1_stderr']:.3f}, "
+                 f"pass@{result['k']} {result['pass_at_k']:.3f} ± {result['pass_at_k_stderr']:.3f}, "
+                 f"mean reward {result['mean_reward']:.3f}")
+    return text + f" on {result['n_problems']} held-out problems [{result['eval_time_s']:.0f}s]"
+
+
+def make_checkpoint():
+    """ckpt.pt of this run, like train.py's (sample.py, chat.py, eval.py, export.py read it), from the
+    script's state below: the model and optimizer, the step, and what an exact resume needs."""
+    return {"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": tokenizer.to_json(),
+            "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": "chat",
+            "iter_num": iter_num, "train_time_s": train_time, "init_checkpoint": init_checkpoint,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng_state": {"torch": torch.get_rng_state()}}
+
+
 # -----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    try:
-        config = configure(globals())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-
-    def fail(message):
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-    device = pick_device(device)
-    device_type = device.split(":")[0]
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        fail(f"dtype={dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    torch.manual_seed(seed)
+    config = configure(globals())
+    # the one device and dtype rule of every stage (common.py), as in train.py
+    device, device_type, dtype, autocast = setup_device(device, dtype, seed, num_threads)
     if min(num_prompts, num_samples, max_new_tokens, max_iters + 1) < 1:
         fail("num_prompts, num_samples and max_new_tokens must be at least 1, max_iters at least 0")
 
     # --- the model: a chat checkpoint to improve, or this run's own ckpt.pt to resume
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_path = os.path.join(out_dir, "log.jsonl")
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     if init_from == "scratch":
         fail("RL improves a trained chat model: set --init_from to an SFT checkpoint (or 'resume')")
     load_path = ckpt_path if init_from == "resume" else init_from
@@ -265,33 +326,30 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         fail(f"init_from={init_from!r}: {e}")
     if checkpoint.get("data_format") != "chat":
-        print(f"warning: {load_path} was not trained on chat data; RL expects a chat model that already answers "
-              "in the task's format (SFT it first, e.g. on prepare/arithmetic.py's conversations)", file=sys.stderr)
+        print(f"warning: {load_path} was not trained on chat data; RL expects a chat model that already "
+              "answers in the task's format (SFT it first, e.g. on prepare/arithmetic.py's conversations)",
+              file=sys.stderr)
     # the starting model of the whole run: the KL anchor, recorded in ckpt.pt for a resume
     init_checkpoint = checkpoint["init_checkpoint"] if init_from == "resume" else os.path.abspath(load_path)
     model.requires_grad_(True)
-    model_args = model.args
 
-    def encode_problems(split):
-        problems = read_problems(os.path.join(task_dir, f"{split}.jsonl"))
-        prompts = [tokenizer.render_for_completion([{"role": "user", "content": p["question"]}]) for p in problems]
-        keep = [i for i, p in enumerate(prompts) if len(p) + 2 <= model_args.max_seq_len]
-        if not keep:
-            fail(f"{task_dir}/{split}.jsonl: every question is longer than the model's max_seq_len={model_args.max_seq_len}")
-        if len(keep) < len(prompts):
-            print(f"{split}: skipping {len(prompts) - len(keep)} problems longer than max_seq_len", file=sys.stderr)
-        return [problems[i] for i in keep], [prompts[i] for i in keep]
-
+    # --- the task: problems to practise on (train_split) and held-out problems to measure on (eval_split)
+    max_seq_len = model.args.max_seq_len  # a prompt and at least a token of its reply must fit
     try:
-        eval_set, eval_prompts = encode_problems(eval_split)
-        train_set, train_prompts = ([], []) if eval_only else encode_problems(train_split)
+        eval_set, eval_prompts = read_task(tokenizer, os.path.join(task_dir, f"{eval_split}.jsonl"),
+                                           max_seq_len)
+        train_set, train_prompts = [], []
+        if not eval_only:
+            train_set, train_prompts = read_task(tokenizer, os.path.join(task_dir, f"{train_split}.jsonl"),
+                                                 max_seq_len)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     eval_set, eval_prompts = eval_set[:eval_problems], eval_prompts[:eval_problems]
     if not eval_only and len(train_set) < num_prompts:
-        fail(f"{task_dir}/{train_split}.jsonl has {len(train_set)} problems, fewer than num_prompts={num_prompts}")
+        fail(f"{task_dir}/{train_split}.jsonl has {len(train_set)} problems, fewer than "
+             f"num_prompts={num_prompts}")
 
-    ref_model = None
+    ref_model = None  # the frozen starting model, for the KL penalty
     if kl_coef > 0 and not eval_only:
         try:
             ref_model, _, _ = load_checkpoint(init_checkpoint, device)
@@ -300,11 +358,13 @@ if __name__ == "__main__":
         ref_model.requires_grad_(False)
 
     optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
-    iter_num, train_time = 0, 0.0  # train_time: seconds of training steps over the whole run, resumes included
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 gradients need scaling
+    iter_num, train_time = 0, 0.0  # train_time: seconds of training steps over the run, resumes included
     if init_from == "resume":
         if "optimizer" not in checkpoint:
             fail(f"{ckpt_path} has no optimizer state; start a new run from it with --init_from={ckpt_path}")
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint.get("scaler", scaler.state_dict()))
         iter_num, train_time = checkpoint["iter_num"], checkpoint.get("train_time_s", 0.0)
         torch.set_rng_state(checkpoint["rng_state"]["torch"])
         print(f"resuming from {ckpt_path} at step {iter_num}")
@@ -313,116 +373,16 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
         if init_from != "resume" and os.path.exists(log_path):
             os.remove(log_path)  # a new run starts a new log; a resumed one appends
-    print(f"model: {count_params(model) / 1e6:.2f}M parameters from {load_path}; device {device}, dtype {dtype}")
-    print(f"task: {task_dir}, {len(train_set):,} {train_split} problems, {len(eval_set):,} {eval_split} problems "
-          f"per evaluation; {num_prompts} problems x {num_samples} samples per step, tools {'on' if tools else 'off'}")
-
-    def get_lr(it):
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if not decay_lr:
-            return learning_rate
-        return learning_rate * max(0.0, (max_iters - it) / max(1, max_iters - warmup_iters))
-
-    @torch.no_grad()
-    def evaluate():
-        """Greedy accuracy, pass@1 and pass@K (eval_samples samples each) and mean reward on the held-out
-        problems, with standard errors over problems. Fixed seeds: every evaluation sees the same draws."""
-        model.eval()
-        greedy, pass1, passk, rewards = [], [], [], []
-        t0 = time.time()
-        for i, (problem, prompt) in enumerate(zip(eval_set, eval_prompts)):
-            with autocast:
-                (tokens, _), = sample_replies(model, tokenizer, prompt, 1, max_new_tokens, 0.0, 0, None, tools)
-                greedy.append(float(score_reply(tokenizer, tokens, problem["answer"])[1]))
-                if eval_samples:
-                    replies = sample_replies(model, tokenizer, prompt, eval_samples, max_new_tokens, temperature,
-                                             top_k, seed + 1_000_003 + i, tools)
-                    scores = [score_reply(tokenizer, t, problem["answer"], format_reward) for t, _ in replies]
-                    pass1.append(np.mean([c for _, c in scores]))
-                    passk.append(float(any(c for _, c in scores)))
-                    rewards.append(np.mean([r for r, _ in scores]))
-            if (i + 1) % 25 == 0 or i + 1 == len(eval_set):
-                print(f"\r  evaluating: {i + 1}/{len(eval_set)} problems, greedy accuracy so far {np.mean(greedy):.3f}",
-                      end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        model.train()
-        result = {"n_problems": len(eval_set), "accuracy": float(np.mean(greedy)),
-                  "accuracy_stderr": standard_error(greedy), "eval_time_s": round(time.time() - t0, 2)}
-        if eval_samples:
-            result.update({"k": eval_samples, "pass_at_1": float(np.mean(pass1)), "pass_at_1_stderr": standard_error(pass1),
-                           "pass_at_k": float(np.mean(passk)), "pass_at_k_stderr": standard_error(passk),
-                           "mean_reward": float(np.mean(rewards)), "mean_reward_stderr": standard_error(rewards)})
-        return result
-
-    def describe(result):
-        text = f"greedy accuracy {result['accuracy']:.3f} ± {result['accuracy_stderr']:.3f}"
-        if "k" in result:
-            text += (f", pass@1 {result['pass_at_1']:.3f} ± {result['pass_at_1_stderr']:.3f}, "
-                     f"pass@{result['k']} {result['pass_at_k']:.3f} ± {result['pass_at_k_stderr']:.3f}, "
-                     f"mean reward {result['mean_reward']:.3f}")
-        return text + f" on {result['n_problems']} held-out problems [{result['eval_time_s']:.0f}s]"
-
+    print(f"model: {count_params(model) / 1e6:.2f}M parameters from {load_path}; device {device}, "
+          f"dtype {dtype}")
+    print(f"task: {task_dir}, {len(train_set):,} {train_split} problems, {len(eval_set):,} {eval_split} "
+          f"problems per evaluation; {num_prompts} problems x {num_samples} samples per step, "
+          f"tools {'on' if tools else 'off'}")
     if eval_only:
-        print(f"{load_path}: {describe(evaluate())}")
+        result = evaluate(model, tokenizer, eval_set, eval_prompts, autocast)
+        print(f"{load_path}: {describe_evaluation(result)}")
         sys.exit(0)
-
-    def make_checkpoint():
-        return {"model_args": asdict(model_args), "model": model.state_dict(), "tokenizer": tokenizer.to_json(),
-                "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": "chat",
-                "iter_num": iter_num, "train_time_s": train_time, "init_checkpoint": init_checkpoint,
-                "optimizer": optimizer.state_dict(), "rng_state": {"torch": torch.get_rng_state()}}
-
-    def append_log(record):
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def plot_rewards():
-        """out_dir/reward.png: mean reward per step, and held-out accuracy per evaluation with error bars."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        with open(log_path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
-        steps = [r for r in records if r["type"] == "train"]
-        evals = [r for r in records if r["type"] == "eval"]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        if steps:
-            its, step_rewards = [r["iter"] for r in steps], [r["mean_reward"] for r in steps]
-            ax.plot(its, step_rewards, lw=0.8, alpha=0.4, label="mean reward (training samples)")
-            window = min(10, len(step_rewards))  # the per-step reward is noisy: a moving average shows the trend
-            smoothed = np.convolve(step_rewards, np.ones(window) / window, mode="valid")
-            ax.plot(its[window - 1:], smoothed, lw=1.5, color="C0", label=f"mean reward, {window}-step average")
-        if evals:
-            its = [r["iter"] for r in evals]
-            ax.errorbar(its, [r["accuracy"] for r in evals], yerr=[r["accuracy_stderr"] for r in evals], fmt="o-",
-                        capsize=3, label=f"held-out greedy accuracy ({evals[-1]['n_problems']} problems)")
-            if "k" in evals[-1]:
-                ax.errorbar(its, [r["pass_at_1"] for r in evals], yerr=[r["pass_at_1_stderr"] for r in evals],
-                            fmt="s-", capsize=3, label="held-out pass@1")
-                ax.plot(its, [r["pass_at_k"] for r in evals], "^--", label=f"held-out pass@{evals[-1]['k']}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("reward / accuracy")
-        ax.set_ylim(-0.02, 1.02 + format_reward)
-        ax.set_title(f"{out_dir}: RL on {task_dir}")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "reward.png"), dpi=100)
-        plt.close(fig)
-
-    # Ctrl-C and SIGTERM: finish the current step, save ckpt.pt, exit 0
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        global stop_requested
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving {ckpt_path}", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopSignals(f"finishing this step, then saving {ckpt_path}")  # Ctrl-C and SIGTERM: save, exit 0
 
     # -------------------------------------------------------------------------------------------------
     # the loop
@@ -433,13 +393,16 @@ if __name__ == "__main__":
         last_step = iter_num >= max_iters
         if iter_num % eval_interval == 0 or last_step:
             if iter_num > start_iter:
-                save_checkpoint(make_checkpoint(), ckpt_path)  # first: a failing evaluation must not lose steps
-            result = evaluate()
-            print(f"step {iter_num}: {describe(result)}", flush=True)
-            append_log({"type": "eval", "iter": iter_num, **result, "time_s": round(train_time, 3)})
+                # first: a failing evaluation must not lose the steps since the last save
+                save_checkpoint(make_checkpoint(), ckpt_path)
+            result = evaluate(model, tokenizer, eval_set, eval_prompts, autocast)
+            print(f"step {iter_num}: {describe_evaluation(result)}", flush=True)
+            append_jsonl(log_path, {"type": "eval", "iter": iter_num, **result,
+                                    "time_s": round(train_time, 3)})
             if keep_all_checkpoints and iter_num > start_iter:
                 save_checkpoint(make_checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt"))
-            plot_rewards()
+            plot_rewards(log_path, os.path.join(out_dir, "reward.png"), f"{out_dir}: RL on {task_dir}",
+                         max_reward=1.0 + format_reward)
         if last_step:
             break
 
@@ -453,7 +416,7 @@ if __name__ == "__main__":
         chosen = rng.choice(len(train_set), size=num_prompts, replace=False)
         sample_seeds = rng.integers(0, 2 ** 31, size=num_prompts)
         model.eval()
-        groups = []
+        groups = []  # (prompt, replies, answer) per problem
         with autocast:
             for index, sample_seed in zip(chosen, sample_seeds):
                 replies = sample_replies(model, tokenizer, train_prompts[index], num_samples, max_new_tokens,
@@ -470,7 +433,7 @@ if __name__ == "__main__":
         # 4. the loss over the step's sampled tokens, one prompt's replies per backward pass
         sampled_tokens = sum(sum(not f for f in forced) for _, replies, _ in groups for _, forced in replies)
         n_tokens = max(1, sampled_tokens)
-        pg_total, kl_total = 0.0, 0.0
+        pg_total, kl_total, learned = 0.0, 0.0, False
         for p, (prompt, replies, _) in enumerate(groups):
             if not advantages[p].any() and ref_model is None:
                 continue  # every reply scored the same: no gradient from this problem
@@ -478,10 +441,15 @@ if __name__ == "__main__":
             x, targets = x.to(device), targets.to(device)
             with autocast:
                 pg, kl = policy_gradient_terms(model, x, targets, advantages[p], ref_model)
-            ((pg + kl_coef * kl) / n_tokens).backward()
-            pg_total, kl_total = pg_total + pg.item(), kl_total + kl.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")).item()
-        optimizer.step()
+            scaler.scale((pg + kl_coef * kl) / n_tokens).backward()
+            pg_total, kl_total, learned = pg_total + pg.item(), kl_total + kl.item(), True
+        grad_norm = 0.0  # a step with nothing to learn leaves the weights as they are
+        if learned:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       grad_clip if grad_clip > 0 else float("inf")).item()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         iter_num += 1
@@ -492,21 +460,23 @@ if __name__ == "__main__":
             informative = float((rewards.std(dim=1) > 0).float().mean())
             record = {"type": "train", "iter": iter_num, "mean_reward": float(rewards.mean()),
                       "accuracy": float(correct.mean()), "informative_groups": informative,
-                      "pg_loss": pg_total / n_tokens, "kl": kl_total / n_tokens, "lr": lr, "grad_norm": grad_norm,
-                      "mean_reply_tokens": reply_tokens / (num_prompts * num_samples), "ms_per_iter": dt * 1000,
-                      "sample_s": round(t_sampled - t0, 3), "sampled_tokens_per_sec": reply_tokens / (t_sampled - t0),
+                      "pg_loss": pg_total / n_tokens, "kl": kl_total / n_tokens, "lr": lr,
+                      "grad_norm": grad_norm, "mean_reply_tokens": reply_tokens / (num_prompts * num_samples),
+                      "ms_per_iter": dt * 1000, "sample_s": round(t_sampled - t0, 3),
+                      "sampled_tokens_per_sec": reply_tokens / (t_sampled - t0),
                       "time_s": round(train_time, 3)}
-            append_log(record)
+            append_jsonl(log_path, record)
             eta_min = (max_iters - iter_num) * (train_time - start_time) / (iter_num - start_iter) / 60
-            print(f"step {iter_num}/{max_iters}: mean reward {record['mean_reward']:.3f}, accuracy {record['accuracy']:.3f}, "
-                  f"informative groups {informative:.2f}, kl {record['kl']:.4f}, reply {record['mean_reply_tokens']:.1f} "
-                  f"tokens, lr {lr:.2e}, {dt * 1000:.0f} ms ({record['sample_s'] * 1000:.0f} sampling), "
-                  f"ETA {eta_min:.1f} min", flush=True)
-        if stop_requested:
+            print(f"step {iter_num}/{max_iters}: mean reward {record['mean_reward']:.3f}, "
+                  f"accuracy {record['accuracy']:.3f}, informative groups {informative:.2f}, "
+                  f"kl {record['kl']:.4f}, reply {record['mean_reply_tokens']:.1f} tokens, lr {lr:.2e}, "
+                  f"{dt * 1000:.0f} ms ({record['sample_s'] * 1000:.0f} sampling), ETA {eta_min:.1f} min",
+                  flush=True)
+        if stop.requested:
             save_checkpoint(make_checkpoint(), ckpt_path)
             print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
             break
 
-    if iter_num > start_iter and not stop_requested:
+    if iter_num > start_iter and not stop.requested:
         print(f"done: {iter_num} steps in {train_time / 60:.1f} min of training; {ckpt_path}, {log_path}, "
               f"{os.path.join(out_dir, 'reward.png')}")

@@ -104,22 +104,24 @@ typedef struct {
     float *s;   // (n / group_size,)
 } QVector;
 
+// The activations have a row per token of a block of prompt tokens (see forward_block); forward() uses the first row.
 typedef struct {
-    float *x;       // (dim,) the residual stream
-    float *xb;      // (dim,)
-    float *xb2;     // (dim,)
-    float *hb;      // (hidden_dim,)
-    float *hb2;     // (hidden_dim,)
-    float *q;       // (dim,)
+    int block;      // rows: prompt tokens processed together
+    float *x;       // (block, dim) the residual stream
+    float *xb;      // (block, dim)
+    float *xb2;     // (block, dim)
+    float *hb;      // (block, hidden_dim)
+    float *hb2;     // (block, hidden_dim)
+    float *q;       // (block, dim)
+    float *k;       // (block, kv_dim) the keys of the positions
+    float *v;       // (block, kv_dim) and their values
     float *att;     // (n_heads, seq_len)
     float *logits;  // (vocab_size,)
-    float *k;       // (kv_dim,) this position's key
-    float *v;       // (kv_dim,) and value
     float *key_cache;    // (layer, kv_head, seq_len, head_dim): one head's keys are contiguous for attention
     float *value_cache;  // (layer, kv_head, seq_len, head_dim)
     float *rope_cos;     // (seq_len, head_dim / 2)
     float *rope_sin;     // (seq_len, head_dim / 2)
-    QVector xq;          // quantized input of the next matmul (int8 files)
+    QVector xq;          // the next matmul's input quantized (int8 files): (block, max(dim, hidden_dim)) + scales
 } RunState;
 
 typedef struct {
@@ -134,6 +136,8 @@ typedef struct {
 // and the plain loop that called it runs instead.
 static inline float exp_nonpositive(float x);
 static int fast_matmul(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size);
+static int fast_matmul_block(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size,
+                             int n_tokens);
 static void *map_file_huge(int fd, size_t size);
 
 // ----------------------------------------------------------------------------
@@ -255,6 +259,43 @@ static Matrix layer_matrix(Matrix m, size_t offset, int group_size) {
     return r;
 }
 
+// the (seq_len, head_dim) keys or values of one K/V head of layer l in the cache
+static float *cache_head(float *cache, const Config *c, int l, int kv_head) {
+    return cache + ((size_t)l * c->n_kv_heads + kv_head) * c->seq_len * (c->dim / c->n_heads);
+}
+
+// write the keys and values (kv_dim,) of position pos into the cache of layer l
+static void store_kv(RunState *s, const Config *c, int l, int pos, const float *k, const float *v) {
+    int head_dim = c->dim / c->n_heads;
+    for (int kv_head = 0; kv_head < c->n_kv_heads; kv_head++) {
+        memcpy(cache_head(s->key_cache, c, l, kv_head) + (size_t)pos * head_dim, k + kv_head * head_dim,
+               head_dim * sizeof(float));
+        memcpy(cache_head(s->value_cache, c, l, kv_head) + (size_t)pos * head_dim, v + kv_head * head_dim,
+               head_dim * sizeof(float));
+    }
+}
+
+// One head's attention for the query q at position pos: its scores against the keys of positions 0..pos, their
+// softmax, and the values weighted by it, into out (head_dim,). att (pos + 1,) is scratch.
+static void attention(float *out, const float *q, const float *keys, const float *values, int pos, int head_dim,
+                      float *att) {
+    float scale = 1.0f / sqrtf((float)head_dim);
+    for (int p = 0; p <= pos; p++) {
+        const float *key = keys + (size_t)p * head_dim;
+        float score = 0.0f;
+        #pragma omp simd reduction(+:score)
+        for (int i = 0; i < head_dim; i++) score += q[i] * key[i];
+        att[p] = score * scale;
+    }
+    softmax(att, pos + 1);
+    memset(out, 0, head_dim * sizeof(float));
+    for (int p = 0; p <= pos; p++) {
+        const float *value = values + (size_t)p * head_dim;
+        float a = att[p];
+        for (int i = 0; i < head_dim; i++) out[i] += a * value[i];
+    }
+}
+
 // ----------------------------------------------------------------------------
 // the forward pass
 
@@ -279,38 +320,13 @@ static float *forward(Transformer *t, int token, int pos) {
         matmul(s->v, s->xb, &s->xq, layer_matrix(w->wv, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs);
         rope(s->q, dim, head_dim, cos_pos, sin_pos);
         rope(s->k, kv_dim, head_dim, cos_pos, sin_pos);
-        float *layer_keys = s->key_cache + (size_t)l * c->n_kv_heads * c->seq_len * head_dim;
-        float *layer_values = s->value_cache + (size_t)l * c->n_kv_heads * c->seq_len * head_dim;
-        for (int kv_head = 0; kv_head < c->n_kv_heads; kv_head++) {  // into the cache at this position
-            size_t at = ((size_t)kv_head * c->seq_len + pos) * head_dim;
-            memcpy(layer_keys + at, s->k + kv_head * head_dim, head_dim * sizeof(float));
-            memcpy(layer_values + at, s->v + kv_head * head_dim, head_dim * sizeof(float));
-        }
-
-        float scale = 1.0f / sqrtf((float)head_dim);
+        store_kv(s, c, l, pos, s->k, s->v);
         int h;
         #pragma omp parallel for private(h)
         for (h = 0; h < c->n_heads; h++) {
-            const float *q = s->q + h * head_dim;
-            float *att = s->att + (size_t)h * c->seq_len;
             int kv_head = h / kv_mul;  // grouped-query attention: kv_mul query heads share a K/V head
-            const float *keys = layer_keys + (size_t)kv_head * c->seq_len * head_dim;
-            const float *values = layer_values + (size_t)kv_head * c->seq_len * head_dim;
-            for (int p = 0; p <= pos; p++) {
-                const float *key = keys + (size_t)p * head_dim;
-                float score = 0.0f;
-                #pragma omp simd reduction(+:score)
-                for (int i = 0; i < head_dim; i++) score += q[i] * key[i];
-                att[p] = score * scale;
-            }
-            softmax(att, pos + 1);
-            float *out = s->xb + h * head_dim;
-            memset(out, 0, head_dim * sizeof(float));
-            for (int p = 0; p <= pos; p++) {
-                const float *value = values + (size_t)p * head_dim;
-                float a = att[p];
-                for (int i = 0; i < head_dim; i++) out[i] += a * value[i];
-            }
+            attention(s->xb + h * head_dim, s->q + h * head_dim, cache_head(s->key_cache, c, l, kv_head),
+                      cache_head(s->value_cache, c, l, kv_head), pos, head_dim, s->att + (size_t)h * c->seq_len);
         }
         matmul_input(s, s->xb, dim, c);
         matmul(s->xb2, s->xb, &s->xq, layer_matrix(w->wo, (size_t)l * dim * dim, gs), dim, dim, gs);
@@ -330,6 +346,99 @@ static float *forward(Transformer *t, int token, int pos) {
     matmul_input(s, x, dim, c);
     matmul(s->logits, x, &s->xq, w->wcls, dim, c->vocab_size, gs);
     return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// the prompt, a block of tokens at a time
+
+/*
+The tokens of a prompt are all known before the first one is generated, so they need not go through the model one
+by one. forward_block does what forward() does for n_tokens tokens at positions pos, pos + 1, ..., layer by layer for
+all of them together: every matmul multiplies a weight matrix with n_tokens vectors (matmul_block), which the speed
+section does reading each weight once per block instead of once per token. Reading the weights is what bounds
+forward(), so a prompt goes through many times faster. Only the last token's logits are computed.
+*/
+
+// out (n_tokens, d) = X (n_tokens, n) @ W (d, n)^T: matmul for each row of X (and of its quantized form xq)
+static void matmul_block(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size,
+                         int n_tokens) {
+    if (fast_matmul_block(out, x, xq, w, n, d, group_size, n_tokens)) return;  // the speed section's tiled kernels
+    for (int t = 0; t < n_tokens; t++) {
+        QVector row = {xq->q + (size_t)t * n, xq->s + (group_size ? (size_t)t * n / group_size : 0)};
+        matmul(out + (size_t)t * d, x + (size_t)t * n, &row, w, n, d, group_size);
+    }
+}
+
+// the logits of the next token after tokens[0 .. n_tokens), which take positions pos .. pos + n_tokens - 1
+static float *forward_block(Transformer *t, const int *tokens, int n_tokens, int pos) {
+    Config *c = &t->config;
+    Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int dim = c->dim, hidden = c->hidden_dim, head_dim = dim / c->n_heads;
+    int kv_dim = head_dim * c->n_kv_heads, kv_mul = c->n_heads / c->n_kv_heads, gs = c->group_size;
+    int rows_dim = n_tokens * dim, rows_hidden = n_tokens * hidden;  // (at most 1024 * 2^18: no overflow)
+    for (int i = 0; i < n_tokens; i++) embedding_row(s->x + (size_t)i * dim, w->tok_embeddings, tokens[i], dim, gs);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        // attention: x = x + wo(attention(rmsnorm(x))), row by row where the rows do not mix
+        for (int i = 0; i < n_tokens; i++)
+            rmsnorm(s->xb + (size_t)i * dim, s->x + (size_t)i * dim, w->rms_att + (size_t)l * dim, dim, c->norm_eps);
+        matmul_input(s, s->xb, rows_dim, c);  // (a group of group_size values never straddles two rows)
+        matmul_block(s->q, s->xb, &s->xq, layer_matrix(w->wq, (size_t)l * dim * dim, gs), dim, dim, gs, n_tokens);
+        matmul_block(s->k, s->xb, &s->xq, layer_matrix(w->wk, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs,
+                     n_tokens);
+        matmul_block(s->v, s->xb, &s->xq, layer_matrix(w->wv, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs,
+                     n_tokens);
+        for (int i = 0; i < n_tokens; i++) {
+            const float *cos_pos = s->rope_cos + (size_t)(pos + i) * (head_dim / 2);
+            const float *sin_pos = s->rope_sin + (size_t)(pos + i) * (head_dim / 2);
+            rope(s->q + (size_t)i * dim, dim, head_dim, cos_pos, sin_pos);
+            rope(s->k + (size_t)i * kv_dim, kv_dim, head_dim, cos_pos, sin_pos);
+            store_kv(s, c, l, pos + i, s->k + (size_t)i * kv_dim, s->v + (size_t)i * kv_dim);
+        }
+        int h;
+        #pragma omp parallel for private(h)
+        for (h = 0; h < c->n_heads; h++) {  // token i attends to the positions up to its own: causal
+            int kv_head = h / kv_mul;
+            for (int i = 0; i < n_tokens; i++)
+                attention(s->xb + (size_t)i * dim + h * head_dim, s->q + (size_t)i * dim + h * head_dim,
+                          cache_head(s->key_cache, c, l, kv_head), cache_head(s->value_cache, c, l, kv_head), pos + i,
+                          head_dim, s->att + (size_t)h * c->seq_len);
+        }
+        matmul_input(s, s->xb, rows_dim, c);
+        matmul_block(s->xb2, s->xb, &s->xq, layer_matrix(w->wo, (size_t)l * dim * dim, gs), dim, dim, gs, n_tokens);
+        for (int j = 0; j < rows_dim; j++) s->x[j] += s->xb2[j];
+
+        // feed-forward: x = x + w2(silu(w1(rmsnorm(x))) * w3(rmsnorm(x)))
+        for (int i = 0; i < n_tokens; i++)
+            rmsnorm(s->xb + (size_t)i * dim, s->x + (size_t)i * dim, w->rms_ffn + (size_t)l * dim, dim, c->norm_eps);
+        matmul_input(s, s->xb, rows_dim, c);
+        matmul_block(s->hb, s->xb, &s->xq, layer_matrix(w->w1, (size_t)l * hidden * dim, gs), dim, hidden, gs,
+                     n_tokens);
+        matmul_block(s->hb2, s->xb, &s->xq, layer_matrix(w->w3, (size_t)l * hidden * dim, gs), dim, hidden, gs,
+                     n_tokens);
+        swiglu(s->hb, s->hb2, rows_hidden);
+        matmul_input(s, s->hb, rows_hidden, c);
+        matmul_block(s->xb, s->hb, &s->xq, layer_matrix(w->w2, (size_t)l * dim * hidden, gs), hidden, dim, gs,
+                     n_tokens);
+        for (int j = 0; j < rows_dim; j++) s->x[j] += s->xb[j];
+    }
+    float *last = s->x + (size_t)(n_tokens - 1) * dim;
+    rmsnorm(last, last, w->rms_final, dim, c->norm_eps);
+    matmul_input(s, last, dim, c);
+    matmul(s->logits, last, &s->xq, w->wcls, dim, c->vocab_size, gs);
+    return s->logits;
+}
+
+// feed tokens[0 .. n) at positions pos .. pos + n - 1 into the KV cache, a block at a time (-b); the logits after
+// the last one (a block of one token is forward())
+static float *prefill(Transformer *t, const int *tokens, int n, int pos) {
+    float *logits = NULL;
+    for (int i = 0; i < n; i += t->state.block) {
+        int n_tokens = n - i < t->state.block ? n - i : t->state.block;
+        logits = n_tokens == 1 ? forward(t, tokens[i], pos + i) : forward_block(t, tokens + i, n_tokens, pos + i);
+    }
+    return logits;
 }
 
 // ----------------------------------------------------------------------------
@@ -430,19 +539,20 @@ static void read_config(Config *c, const unsigned char *h, size_t file_size, con
              path, file_size, (unsigned long long)expected_size, (unsigned long long)recorded_size);
 }
 
-static void alloc_run_state(RunState *s, const Config *c) {
+static void alloc_run_state(RunState *s, const Config *c, int block) {
     int kv_dim = c->dim / c->n_heads * c->n_kv_heads, head_dim = c->dim / c->n_heads;
-    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    s->x = xmalloc(c->dim * sizeof(float));
-    s->xb = xmalloc(c->dim * sizeof(float));
-    s->xb2 = xmalloc(c->dim * sizeof(float));
-    s->hb = xmalloc(c->hidden_dim * sizeof(float));
-    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
-    s->q = xmalloc(c->dim * sizeof(float));
+    size_t widest = (size_t)block * (c->dim > c->hidden_dim ? c->dim : c->hidden_dim);
+    s->block = block;
+    s->x = xmalloc((size_t)block * c->dim * sizeof(float));
+    s->xb = xmalloc((size_t)block * c->dim * sizeof(float));
+    s->xb2 = xmalloc((size_t)block * c->dim * sizeof(float));
+    s->hb = xmalloc((size_t)block * c->hidden_dim * sizeof(float));
+    s->hb2 = xmalloc((size_t)block * c->hidden_dim * sizeof(float));
+    s->q = xmalloc((size_t)block * c->dim * sizeof(float));
+    s->k = xmalloc((size_t)block * kv_dim * sizeof(float));
+    s->v = xmalloc((size_t)block * kv_dim * sizeof(float));
     s->att = xmalloc((size_t)c->n_heads * c->seq_len * sizeof(float));
     s->logits = xmalloc(c->vocab_size * sizeof(float));
-    s->k = xmalloc(kv_dim * sizeof(float));
-    s->v = xmalloc(kv_dim * sizeof(float));
     s->key_cache = xmalloc((size_t)c->n_layers * c->seq_len * kv_dim * sizeof(float));
     s->value_cache = xmalloc((size_t)c->n_layers * c->seq_len * kv_dim * sizeof(float));
     s->xq.q = xmalloc(widest);
@@ -466,7 +576,7 @@ static void free_run_state(RunState *s) {
     free(s->rope_cos); free(s->rope_sin);
 }
 
-static void build_transformer(Transformer *t, const char *path) {
+static void build_transformer(Transformer *t, const char *path, int block) {
     int fd = open(path, O_RDONLY);
     if (fd == -1) fail("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
@@ -483,7 +593,7 @@ static void build_transformer(Transformer *t, const char *path) {
     map_weights(&t->weights, data, &t->config);
     t->data = data;
     t->file_size = size;
-    alloc_run_state(&t->state, &t->config);
+    alloc_run_state(&t->state, &t->config, block < t->config.seq_len ? block : t->config.seq_len);
 }
 
 static void free_transformer(Transformer *t) {
@@ -917,6 +1027,13 @@ static void print_logits(const float *logits, int n) {
     printf("\n");
 }
 
+// how long the prompt took: from its first token into the model to the first generated token out
+static void report_prompt(int n_prompt, double seconds) {
+    if (n_prompt > 0 && seconds > 0)
+        fprintf(stderr, "time to first token: %.4f s (prompt of %d tokens: %.2f tok/s)\n", seconds, n_prompt,
+                n_prompt / seconds);
+}
+
 static void report_speed(int n_timed, double t_start) {
     double elapsed = time_s() - t_start;
     if (n_timed > 0 && elapsed > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / elapsed);
@@ -941,11 +1058,11 @@ static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const ch
     int max_len = n_prompt + steps < seq_len ? n_prompt + steps : seq_len;
     fputs(prompt, stdout);
     fflush(stdout);
-    double t_start = 0.0, time_sampling = 0.0;
+    double t_prompt = time_s(), t_start = 0.0, time_sampling = 0.0;
     int n_generated = 0, n_timed = 0;
-    for (int pos = 0; pos + 1 < max_len; pos++) {
-        float *logits = forward(tr, tokens[pos], pos);
-        if (pos + 1 < n_prompt) continue;  // still reading the prompt
+    float *logits = n_prompt < max_len ? prefill(tr, tokens, n_prompt, 0) : NULL;  // the prompt, in blocks
+    for (int pos = n_prompt - 1; pos + 1 < max_len; pos++) {
+        if (n_generated > 0) logits = forward(tr, tokens[pos], pos);
         if (print_first_logits && n_generated == 0) print_logits(logits, tr->config.vocab_size);
         double t_sample = time_s();
         int next = sample(sampler, logits);
@@ -963,6 +1080,7 @@ static void generate(Transformer *tr, Tokenizer *tok, Sampler *sampler, const ch
         for (int i = n_prompt; i < n_prompt + n_generated; i++) printf(" %d", tokens[i]);
         printf("\n");
     }
+    if (n_generated > 0) report_prompt(n_prompt, t_start - t_prompt);
     report_sampling(n_timed, t_start, time_sampling);
     report_speed(n_timed, t_start);
     free(tokens);
@@ -1080,8 +1198,8 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
     int *pending = xmalloc((size_t)seq_len * sizeof(int));  // tokens to feed before the answer
     int *answer = xmalloc((size_t)seq_len * sizeof(int));   // the sampled tokens of the answer, for -v
     char line[8192];
-    int n_timed = 0;
-    double time_in_generation = 0.0;
+    int n_timed = 0, n_prompt_tokens = 0;
+    double time_in_generation = 0.0, time_in_prompts = 0.0;
     for (int turn = 0;; turn++) {
         const char *message = NULL;
         if (turn == 0 && first_message) {
@@ -1103,8 +1221,11 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
         }
         push_turn(tok, &format, pending, &n_pending, "user", message, pos, seq_len);
         push_turn(tok, &format, pending, &n_pending, "assistant", NULL, pos, seq_len);
-        float *logits = NULL;
-        for (int i = 0; i < n_pending; i++) logits = forward(tr, pending[i], pos++);
+        double t_prompt = time_s();
+        float *logits = prefill(tr, pending, n_pending, pos);
+        pos += n_pending;
+        time_in_prompts += time_s() - t_prompt;
+        n_prompt_tokens += n_pending;
         printf("Assistant: ");
         double t0 = time_s();
         int n_new = 0, next, n_answer = 0;
@@ -1131,6 +1252,8 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
         carry = next;
     }
     if (n_timed > 0 && time_in_generation > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / time_in_generation);
+    if (n_prompt_tokens > 0 && time_in_prompts > 0)
+        fprintf(stderr, "prompt tok/s: %.2f (%d prompt tokens)\n", n_prompt_tokens / time_in_prompts, n_prompt_tokens);
     free(pending);
     free(answer);
 }
@@ -1195,7 +1318,8 @@ static void usage(void) {
             "  -m <string> mode: generate | chat | perplexity | encode (token ids of each line), default generate\n"
             "  -y <string> system prompt in chat mode\n"
             "  -v <int>    1: print the generated token ids at the end, default 0\n"
-            "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n");
+            "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n"
+            "  -b <int>    prompt tokens that go through the model together, default 64 (1: one at a time)\n");
     exit(1);
 }
 
@@ -1231,7 +1355,7 @@ int main(int argc, char *argv[]) {
     const char *model_path = NULL, *tokenizer_path = "tokenizer.bin", *prompt = NULL, *prompt_file = NULL;
     const char *mode = "generate", *system_prompt = NULL;
     float temperature = 1.0f, topp = 0.9f;
-    long steps = 256, seed = -1, show_tokens = 0, print_first_logits = 0;
+    long steps = 256, seed = -1, show_tokens = 0, print_first_logits = 0, block = 64;
     if (argc < 2 || argv[1][0] == '-') usage();
     model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
@@ -1250,19 +1374,21 @@ int main(int argc, char *argv[]) {
             case 'y': system_prompt = v; break;
             case 'v': show_tokens = parse_int("-v", v); break;
             case 'l': print_first_logits = parse_int("-l", v); break;
+            case 'b': block = parse_int("-b", v); break;
             default: usage();
         }
     }
     if (temperature < 0.0f) fail("-t must be >= 0, got %g", temperature);
     if (topp < 0.0f || topp > 1.0f) fail("-p must be in [0, 1], got %g", topp);
     if (steps < 0 || steps > (1 << 24)) fail("-n must be in [0, 2^24], got %ld", steps);
+    if (block < 1 || block > 1024) fail("-b must be in [1, 1024], got %ld", block);
     if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity") && strcmp(mode, "encode"))
         fail("unknown mode -m %s; expected generate, chat, perplexity or encode", mode);
     char *file_text = prompt_file ? read_text_file(prompt_file) : NULL;
     if (file_text) prompt = file_text;
 
     Transformer transformer;
-    build_transformer(&transformer, model_path);
+    build_transformer(&transformer, model_path, (int)block);
     Tokenizer tokenizer;
     build_tokenizer(&tokenizer, tokenizer_path);
     if (tokenizer.id != transformer.config.tokenizer_id)
@@ -1460,4 +1586,107 @@ static void *map_file_huge(int fd, size_t size) {
 #endif
     (void)fd; (void)size;
     return NULL;
+}
+
+/*
+matmul_block: W (d, n) times a block of n_tokens vectors. Each thread takes a share of W's rows, a tile of TILE_ROWS
+rows at a time, and multiplies it with every vector of the block, TILE_TOKENS vectors at a time: the TILE_ROWS x
+TILE_TOKENS dot products of a tile run side by side in SIMD registers, so each weight loaded is used TILE_TOKENS
+times and each activation TILE_ROWS times, and the tile's rows stay in the L1 cache while the block's vectors pass
+by (from L2). W is read from memory once per block. The dot products are those of matmul, summed in another order.
+*/
+#define TILE_ROWS 4
+#define TILE_TOKENS 3
+
+#if defined(__AVX2__) && defined(__FMA__)
+// out[t * d + r] = w_r . x_t for the rows r < rows and tokens t < tokens of one tile (float32, n a multiple of 8)
+static inline __attribute__((always_inline)) void tile_f32(float *out, const float *w, const float *x, int n, int d,
+                                                           int rows, int tokens) {
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        __m256 xv[TILE_TOKENS];
+        for (int t = 0; t < tokens; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * n + j);
+        for (int r = 0; r < rows; r++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)r * n + j);
+            for (int t = 0; t < tokens; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) out[(size_t)t * d + r] = hsum256(acc[r][t]);
+}
+
+// the same for int8 (group_size a multiple of 32): per group, exact int32 sums as in simd_dot_int8, then the scales
+static inline __attribute__((always_inline)) void tile_int8(float *out, const int8_t *w, const float *ws,
+                                                            const int8_t *x, const float *xs, int n, int d,
+                                                            int group_size, int rows, int tokens) {
+    int n_groups = n / group_size;
+    __m256 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int g = 0; g < n_groups; g++) {
+        __m256i sum[TILE_ROWS][TILE_TOKENS];
+        for (int r = 0; r < rows; r++)
+            for (int t = 0; t < tokens; t++) sum[r][t] = _mm256_setzero_si256();
+        for (int j = g * group_size; j < (g + 1) * group_size; j += 32) {
+            __m256i xv[TILE_TOKENS], x_abs[TILE_TOKENS];
+            for (int t = 0; t < tokens; t++) {
+                xv[t] = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * n + j));
+                x_abs[t] = _mm256_sign_epi8(xv[t], xv[t]);
+            }
+            for (int r = 0; r < rows; r++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * n + j));
+                for (int t = 0; t < tokens; t++) {
+                    __m256i w_signed = _mm256_sign_epi8(wv, xv[t]);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    sum[r][t] = _mm256_dpbusd_epi32(sum[r][t], x_abs[t], w_signed);
+#else
+                    sum[r][t] = _mm256_add_epi32(sum[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs[t], w_signed),
+                                                                              _mm256_set1_epi16(1)));
+#endif
+                }
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int t = 0; t < tokens; t++)
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][t]),
+                                            _mm256_set1_ps(ws[(size_t)r * n_groups + g] * xs[(size_t)t * n_groups + g]),
+                                            acc[r][t]);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < tokens; t++) out[(size_t)t * d + r] = hsum256(acc[r][t]);
+}
+#endif
+
+static int fast_matmul_block(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size,
+                             int n_tokens) {
+#if defined(__AVX2__) && defined(__FMA__)
+    int is_f32 = w.f != NULL, n_groups = group_size ? n / group_size : 0;
+    if (is_f32 ? n % 8 != 0 : group_size % 32 != 0) return 0;
+    int tile, n_tiles = (d + TILE_ROWS - 1) / TILE_ROWS;
+    #pragma omp parallel for private(tile)
+    for (tile = 0; tile < n_tiles; tile++) {
+        int i = tile * TILE_ROWS, rows = d - i < TILE_ROWS ? d - i : TILE_ROWS;
+        for (int t = 0; t < n_tokens; t += TILE_TOKENS) {
+            int tokens = n_tokens - t < TILE_TOKENS ? n_tokens - t : TILE_TOKENS;
+            float *o = out + (size_t)t * d + i;
+            if (is_f32) {
+                const float *wr = w.f + (size_t)i * n, *xr = x + (size_t)t * n;
+                if (rows == TILE_ROWS && tokens == TILE_TOKENS) tile_f32(o, wr, xr, n, d, TILE_ROWS, TILE_TOKENS);
+                else tile_f32(o, wr, xr, n, d, rows, tokens);  // the edges of W and of the block
+            } else {
+                const int8_t *wr = w.q + (size_t)i * n, *xr = xq->q + (size_t)t * n;
+                const float *wsr = w.s + (size_t)i * n_groups, *xsr = xq->s + (size_t)t * n_groups;
+                if (rows == TILE_ROWS && tokens == TILE_TOKENS)
+                    tile_int8(o, wr, wsr, xr, xsr, n, d, group_size, TILE_ROWS, TILE_TOKENS);
+                else tile_int8(o, wr, wsr, xr, xsr, n, d, group_size, rows, tokens);
+            }
+        }
+    }
+    return 1;
+#else
+    (void)out; (void)x; (void)xq; (void)w; (void)n; (void)d; (void)group_size; (void)n_tokens;
+    return 0;
+#endif
 }

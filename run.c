@@ -997,6 +997,497 @@ static int sample(Sampler *sampler, float *logits) {
 }
 
 // ----------------------------------------------------------------------------
+// the calculator: what chat mode answers a tool call with
+
+/*
+The model calls the calculator by writing <|python_start|>expression<|python_end|>; chat mode then evaluates the
+expression and forces <|output_start|>result<|output_end|> into the sequence, as engine.py does (the model continues
+from there). This is engine.calculator's arithmetic, with its limits and its result text:
+    numbers (1_000, 2.5, 1e3, thousands separators as in 1,200), + - * / // % ** with Python's precedence and
+    floor rules, parentheses, unary + and -; at most 200 characters and 100 syntax-tree nodes, exponents up to
+    1000, results below 10^200; integers print as integers, floats rounded to 6 decimals as Python's repr prints
+    them, and what goes wrong as the same "error: ..." text (division by zero, a syntax error, a tuple, ...).
+Names and calls get engine.py's errors too (Name not allowed, len() takes a string, ...). Where it differs:
+Python's integers have any size, these have 64 bits, so an integer beyond 2^63 answers "error: result too large"
+(Python prints it, up to 200 digits); a true division of integers beyond 2^53 may differ in its last bit; hex and
+complex literals are syntax errors; and strings, Python's keywords and other operators (engine.py's len('...') and
+string methods, comparisons) answer "error: run.c's calculator does arithmetic only".
+*/
+#define CALC_MAX_CHARS 200     // engine.MAX_EXPRESSION_CHARS
+#define CALC_MAX_NODES 100     // engine.MAX_NODES, counted as Python's ast.walk counts them
+#define CALC_MAX_EXPONENT 1000 // engine.MAX_EXPONENT
+#define CALC_MAX_DIGITS 200    // engine.MAX_RESULT_DIGITS
+
+typedef struct {
+    int is_float;
+    int64_t i;
+    double f;
+} Number;
+
+enum { TOKEN_NUMBER, TOKEN_NAME, TOKEN_OP, TOKEN_END };
+enum { NODE_NUMBER, NODE_NAME, NODE_TUPLE, NODE_CALL, NODE_UNARY, NODE_BINARY };
+
+typedef struct {
+    int kind;        // NODE_*
+    char op[3];      // the operator: "+", "-", "*", "/", "//", "%", "**"
+    int left, right; // operands; a call: the function and its first argument, n_args of them
+    int n_args;
+    Number value;    // NODE_NUMBER
+    int too_large;   // NODE_NUMBER: an integer literal beyond 64 bits
+    const char *name;  // NODE_NAME: its evaluation error (names are never looked up)
+    int is_len;      // NODE_NAME: it is len
+} Node;
+
+typedef struct {
+    int kind;        // TOKEN_*
+    char op[3];
+    Number value;
+    int too_large;
+    char name[16];   // TOKEN_NAME: a name, or the start of a long one
+} CalcToken;
+
+typedef struct {
+    CalcToken tokens[CALC_MAX_CHARS + 1];
+    int n_tokens, at;
+    Node nodes[2 * CALC_MAX_CHARS + 2];
+    int n_nodes, python_nodes;  // python_nodes: Python's count (an operator is a node of its own)
+    int bad;                    // 1 once the expression is not valid Python
+} Calc;
+
+static int is_digit(uint32_t c) { return c >= '0' && c <= '9'; }
+static int is_name_char(uint32_t c) { return c >= 128 || isalnum((int)c) || c == '_'; }  // (after a number)
+
+// Python's str.isspace, which str.strip() removes
+static int is_python_space(uint32_t c) {
+    return (c >= 9 && c <= 13) || (c >= 28 && c <= 32) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+// a digit part as Python writes it: digits with single underscores between them; returns its end, or -1
+static int digit_part(const uint32_t *cp, int n, int i) {
+    if (i >= n || !is_digit(cp[i])) return -1;
+    while (i < n && (is_digit(cp[i]) || (cp[i] == '_' && i + 1 < n && is_digit(cp[i + 1])))) i++;
+    return i < n && cp[i] == '_' ? -1 : i;
+}
+
+// Split the code points into tokens. Returns NULL, or the error: not valid Python, or outside arithmetic.
+static const char *calc_lex(Calc *k, const Tokenizer *tok, const uint32_t *cp, int n) {
+    int depth = 0;
+    k->n_tokens = 0;
+    for (int i = 0; i < n;) {
+        uint32_t c = cp[i];
+        if (c == ' ' || c == '\t' || c == '\f') { i++; continue; }
+        if (c == '#') { while (i < n && cp[i] != '\n' && cp[i] != '\r') i++; continue; }  // a comment
+        if (c == '\\' && i + 1 < n && (cp[i + 1] == '\n' || cp[i + 1] == '\r')) {  // a line continuation
+            i += cp[i + 1] == '\r' && i + 2 < n && cp[i + 2] == '\n' ? 3 : 2;
+            continue;
+        }
+        if (c == '\n' || c == '\r') {  // a line break ends the expression, except inside parentheses
+            if (depth == 0) return "not a valid expression";
+            i++;
+            continue;
+        }
+        if (c < 32 || c == 127 || c == '\\') return "not a valid expression";  // (control characters, a lone \)
+        if (c == '$' || c == '?' || c == '`' || c == ';' || (c == '!' && !(i + 1 < n && cp[i + 1] == '=')) ||
+            (c == '=' && !(i + 1 < n && cp[i + 1] == '=')))
+            return "not a valid expression";  // never valid here, as in 4 * 6 = 24 (a lone = needs a name before it)
+        if (c >= 128 && !in_class(tok, CLASS_LETTER, c)) return "not a valid expression";  // e.g. 4 × 6
+        CalcToken *t = &k->tokens[k->n_tokens++];
+        memset(t, 0, sizeof(*t));
+        if (is_digit(c) || (c == '.' && i + 1 < n && is_digit(cp[i + 1]))) {
+            int start = i, is_float = 0;
+            if (c != '.' && (i = digit_part(cp, n, i)) < 0) return "not a valid expression";
+            if (i < n && cp[i] == '.') {
+                is_float = 1;
+                i++;
+                if (i < n && is_digit(cp[i]) && (i = digit_part(cp, n, i)) < 0) return "not a valid expression";
+            }
+            if (i < n && (cp[i] == 'e' || cp[i] == 'E')) {
+                is_float = 1;
+                i++;
+                if (i < n && (cp[i] == '+' || cp[i] == '-')) i++;
+                if ((i = digit_part(cp, n, i)) < 0) return "not a valid expression";
+            }
+            if (i < n && is_name_char(cp[i])) return "not a valid expression";  // Python's "invalid decimal literal"
+            char text[CALC_MAX_CHARS + 1];
+            int length = 0, nonzero = 0;
+            for (int j = start; j < i; j++) if (cp[j] != '_') text[length++] = (char)cp[j];
+            text[length] = '\0';
+            t->kind = TOKEN_NUMBER;
+            t->value.is_float = is_float;
+            if (is_float) {
+                t->value.f = strtod(text, NULL);  // correctly rounded, as Python's float(); 1e999 is inf
+            } else {
+                for (int j = 0; j < length; j++) {
+                    nonzero |= text[j] != '0';
+                    if (__builtin_mul_overflow(t->value.i, 10, &t->value.i) ||
+                        __builtin_add_overflow(t->value.i, text[j] - '0', &t->value.i))
+                        t->too_large = 1;
+                }
+                if (text[0] == '0' && nonzero) return "not a valid expression";  // leading zeros, as in 007
+            }
+            continue;
+        }
+        if (c == '_' || c >= 128 || isalpha((int)c)) {  // a name: Python's own (True, if, ...) are beyond arithmetic
+            static const char *keywords[] = {"False", "None", "True", "and", "as", "assert", "async", "await",
+                "break", "class", "continue", "def", "del", "elif", "else", "except", "finally", "for", "from",
+                "global", "if", "import", "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return",
+                "try", "while", "with", "yield"};
+            int start = i;
+            while (i < n && (cp[i] == '_' || (cp[i] < 128 && isalnum((int)cp[i])) ||
+                             (cp[i] >= 128 && in_class(tok, CLASS_LETTER, cp[i]))))
+                i++;
+            t->kind = TOKEN_NAME;
+            for (int j = start; j < i && j - start < 15; j++) t->name[j - start] = cp[j] < 128 ? (char)cp[j] : '?';
+            for (int w = 3; w < 35; w++)  // (False, None and True are constants, which engine.py refuses)
+                if (i - start < 16 && !strcmp(t->name, keywords[w])) return "run.c's calculator does arithmetic only";
+            continue;
+        }
+        static const char *ops[] = {"**", "//", "+", "-", "*", "/", "%", "(", ")", ","};
+        int found = 0;
+        for (int o = 0; o < 10 && !found; o++) {
+            int len = (int)strlen(ops[o]);
+            if (cp[i] == (uint32_t)ops[o][0] && (len == 1 || (i + 1 < n && cp[i + 1] == (uint32_t)ops[o][1]))) {
+                t->kind = TOKEN_OP;
+                memcpy(t->op, ops[o], len + 1);
+                i += len;
+                found = 1;
+            }
+        }
+        if (!found && c == '.' && !(i + 1 < n && is_name_char(cp[i + 1]))) return "not a valid expression";
+        if (!found) return "run.c's calculator does arithmetic only";  // letters, quotes, other operators
+        depth += t->op[0] == '(' ? 1 : t->op[0] == ')' ? -1 : 0;
+    }
+    k->tokens[k->n_tokens].kind = TOKEN_END;
+    return NULL;
+}
+
+static int calc_is(Calc *k, const char *op) {
+    return k->tokens[k->at].kind == TOKEN_OP && !strcmp(k->tokens[k->at].op, op);
+}
+
+static int new_node(Calc *k, int kind, const char *op, int left, int right) {
+    Node *node = &k->nodes[k->n_nodes];
+    memset(node, 0, sizeof(*node));
+    node->kind = kind;
+    if (op) strcpy(node->op, op);
+    node->left = left;
+    node->right = right;
+    k->python_nodes += kind == NODE_NUMBER || kind == NODE_CALL ? 1 : 2;  // BinOp + its operator, Name + Load, ...
+    return k->n_nodes++;
+}
+
+// recursive descent on Python's grammar: tuple > sum > term > factor (unary) > power > atom
+static int parse_sum(Calc *k);
+
+static int parse_tuple(Calc *k, int first) {  // after `first ,`: the rest of a tuple (its items are never evaluated)
+    int tuple = new_node(k, NODE_TUPLE, NULL, first, -1);
+    while (calc_is(k, ",")) {
+        k->at++;
+        if (k->tokens[k->at].kind == TOKEN_END || calc_is(k, ")")) break;  // a trailing comma
+        parse_sum(k);
+    }
+    return tuple;
+}
+
+static int parse_atom(Calc *k) {
+    CalcToken *t = &k->tokens[k->at];
+    if (t->kind == TOKEN_NUMBER) {
+        k->at++;
+        int node = new_node(k, NODE_NUMBER, NULL, -1, -1);
+        k->nodes[node].value = t->value;
+        k->nodes[node].too_large = t->too_large;
+        return node;
+    }
+    if (t->kind == TOKEN_NAME) {  // evaluating a name is an error; len(...) is one as well, on a number
+        k->at++;
+        int node = new_node(k, NODE_NAME, NULL, -1, -1);
+        k->nodes[node].name = !strcmp(t->name, "True") ? "constant True not allowed" :
+                              !strcmp(t->name, "False") ? "constant False not allowed" :
+                              !strcmp(t->name, "None") ? "constant None not allowed" : "Name not allowed";
+        if (k->nodes[node].name[0] == 'c') k->python_nodes--;  // a Constant is one node, a Name two (with Load)
+        k->nodes[node].is_len = !strcmp(t->name, "len");
+        return node;
+    }
+    if (calc_is(k, "(")) {
+        k->at++;
+        int inside = calc_is(k, ")") ? new_node(k, NODE_TUPLE, NULL, -1, -1) : parse_sum(k);  // () is a tuple
+        if (calc_is(k, ",")) inside = parse_tuple(k, inside);
+        if (!calc_is(k, ")")) k->bad = 1;
+        else k->at++;
+        return inside;
+    }
+    k->bad = 1;
+    return -1;
+}
+
+static int parse_factor(Calc *k);
+
+static int parse_power(Calc *k) {  // right-associative, and -2**2 is -(2**2): the exponent is a factor
+    int base = parse_atom(k);
+    while (!k->bad && calc_is(k, "(")) {  // 2(3) calls 2 in Python: a call with its arguments (never evaluated)
+        k->at++;
+        base = new_node(k, NODE_CALL, NULL, base, -1);
+        while (!k->bad && !calc_is(k, ")")) {
+            int argument = parse_sum(k);
+            if (k->nodes[base].n_args++ == 0) k->nodes[base].right = argument;
+            if (calc_is(k, ",")) k->at++;
+            else if (!calc_is(k, ")")) k->bad = 1;
+        }
+        if (!k->bad) k->at++;
+    }
+    if (k->bad || !calc_is(k, "**")) return base;
+    k->at++;
+    int exponent = parse_factor(k);
+    return new_node(k, NODE_BINARY, "**", base, exponent);
+}
+
+static int parse_factor(Calc *k) {
+    if (calc_is(k, "-") || calc_is(k, "+")) {
+        char op[3];
+        strcpy(op, k->tokens[k->at++].op);
+        int operand = parse_factor(k);
+        return new_node(k, NODE_UNARY, op, operand, -1);
+    }
+    return parse_power(k);
+}
+
+static int parse_term(Calc *k) {
+    int left = parse_factor(k);
+    while (!k->bad && (calc_is(k, "*") || calc_is(k, "/") || calc_is(k, "//") || calc_is(k, "%"))) {
+        char op[3];
+        strcpy(op, k->tokens[k->at++].op);
+        int right = parse_factor(k);
+        left = new_node(k, NODE_BINARY, op, left, right);
+    }
+    return left;
+}
+
+static int parse_sum(Calc *k) {
+    int left = parse_term(k);
+    while (!k->bad && (calc_is(k, "+") || calc_is(k, "-"))) {
+        char op[3];
+        strcpy(op, k->tokens[k->at++].op);
+        int right = parse_term(k);
+        left = new_node(k, NODE_BINARY, op, left, right);
+    }
+    return left;
+}
+
+static double as_double(Number x) { return x.is_float ? x.f : (double)x.i; }
+static Number float_number(double f) { Number x = {1, 0, f}; return x; }
+static Number int_number(int64_t i) { Number x = {0, i, 0.0}; return x; }
+
+static int is_odd_integer(double x) { return fmod(fabs(x), 2.0) == 1.0; }
+
+// x ** y for floats, case by case as CPython's float_pow; *error set where Python raises
+static double float_pow(double x, double y, const char **error) {
+    static char range_error[96];
+    if (y == 0.0) return 1.0;
+    if (isnan(x)) return x;
+    if (isnan(y)) return x == 1.0 ? 1.0 : y;
+    if (isinf(y)) {
+        x = fabs(x);
+        if (x == 1.0) return 1.0;
+        return (y > 0.0) == (x > 1.0) ? fabs(y) : 0.0;
+    }
+    if (isinf(x)) return y > 0.0 ? (is_odd_integer(y) ? x : fabs(x)) : (is_odd_integer(y) ? copysign(0.0, x) : 0.0);
+    if (x == 0.0) {
+        if (y < 0.0) *error = "division by zero";  // "0.0 cannot be raised to a negative power"
+        return is_odd_integer(y) ? x : 0.0;
+    }
+    if (x == 1.0) return 1.0;
+    int negate = 0;
+    if (x < 0.0) {
+        if (y != floor(y)) { *error = "result is not a real number"; return 0.0; }  // Python makes it complex
+        x = -x;
+        negate = is_odd_integer(y);
+    }
+    if (x == 1.0) return negate ? -1.0 : 1.0;
+    errno = 0;
+    double r = pow(x, y);
+    if (errno == 0 && isinf(r)) errno = ERANGE;
+    else if (errno == ERANGE && r == 0.0) errno = 0;  // underflow to zero is fine
+    if (errno) {  // Python raises OverflowError(errno, strerror), whose text engine.py passes on
+        snprintf(range_error, sizeof(range_error), "(%d, '%s')", errno, strerror(errno));
+        *error = range_error;
+    }
+    return negate ? -r : r;
+}
+
+// floor division and modulo of floats, as CPython's float_divmod (the modulo has the sign of y)
+static void float_divmod(double x, double y, double *quotient, double *modulo) {
+    double mod = fmod(x, y), div = (x - mod) / y;
+    if (mod != 0.0) {
+        if ((y < 0) != (mod < 0)) { mod += y; div -= 1.0; }
+    } else {
+        mod = copysign(0.0, y);
+    }
+    if (div != 0.0) {
+        double floor_div = floor(div);
+        *quotient = div - floor_div > 0.5 ? floor_div + 1.0 : floor_div;
+    } else {
+        *quotient = copysign(0.0, x / y);
+    }
+    *modulo = mod;
+}
+
+// evaluate node into *out; NULL, or the error text (after "error: ")
+static const char *calc_eval(Calc *k, int index, Number *out) {
+    Node *node = &k->nodes[index];
+    if (node->kind == NODE_TUPLE) return "Tuple not allowed";
+    if (node->kind == NODE_NAME) return node->name;
+    if (node->kind == NODE_CALL) {  // engine.py calls len(one string) and string methods only
+        Node *function = &k->nodes[node->left];
+        if (function->kind != NODE_NAME || !function->is_len || node->n_args != 1)
+            return "only len() and string methods may be called";
+        const char *error = calc_eval(k, node->right, out);
+        return error ? error : "len() takes a string";
+    }
+    if (node->kind == NODE_NUMBER) {
+        *out = node->value;
+        return node->too_large ? "result too large" : NULL;
+    }
+    Number a, b, r = {0, 0, 0.0};
+    const char *error = calc_eval(k, node->left, &a);
+    if (error) return error;
+    if (node->kind == NODE_UNARY) {
+        if (node->op[0] == '-' && !a.is_float && a.i == INT64_MIN) return "result too large";
+        r = node->op[0] == '+' ? a : a.is_float ? float_number(-a.f) : int_number(-a.i);
+    } else {
+        if ((error = calc_eval(k, node->right, &b))) return error;
+        const char *op = node->op;
+        int ints = !a.is_float && !b.is_float;
+        double x = as_double(a), y = as_double(b);
+        if (!strcmp(op, "**")) {
+            if (fabs(y) > CALC_MAX_EXPONENT) return "exponent too large";
+            if (fabs(x) > 1 && y > 0 && y * log10(fabs(x)) > CALC_MAX_DIGITS) return "result too large";
+            if (ints && b.i >= 0) {  // exact, by squaring
+                int64_t base = a.i, result = 1;
+                for (int64_t e = b.i; e > 0;) {
+                    if ((e & 1) && __builtin_mul_overflow(result, base, &result)) return "result too large";
+                    e >>= 1;
+                    if (e && __builtin_mul_overflow(base, base, &base)) return "result too large";
+                }
+                r = int_number(result);
+            } else {
+                r = float_number(float_pow(x, y, &error));
+                if (error) return error;
+            }
+        } else if (ints && (op[0] == '+' || op[0] == '-' || !strcmp(op, "*"))) {
+            int64_t v;
+            int overflow = op[0] == '+' ? __builtin_add_overflow(a.i, b.i, &v) :
+                           op[0] == '-' ? __builtin_sub_overflow(a.i, b.i, &v) : __builtin_mul_overflow(a.i, b.i, &v);
+            if (overflow) return "result too large";
+            r = int_number(v);
+        } else if (op[0] == '+' || op[0] == '-' || !strcmp(op, "*")) {
+            r = float_number(op[0] == '+' ? x + y : op[0] == '-' ? x - y : x * y);
+        } else if (!strcmp(op, "/")) {
+            if (y == 0.0) return "division by zero";
+            const int64_t big = (int64_t)1 << 53;  // integers up to 2^53 are exact doubles; beyond, long double
+            int exact = ints && a.i >= -big && a.i <= big && b.i >= -big && b.i <= big;
+            r = float_number(!ints || exact ? x / y : (double)((long double)a.i / (long double)b.i));
+        } else {  // "//" and "%": the quotient rounded down, and a modulo with the sign of the divisor
+            if (y == 0.0) return "division by zero";
+            if (ints) {
+                if (b.i == -1) {
+                    if (op[0] == '/' && a.i == INT64_MIN) return "result too large";
+                    r = int_number(op[0] == '/' ? -a.i : 0);
+                } else {
+                    int64_t q = a.i / b.i, m = a.i % b.i;
+                    if (m != 0 && ((m < 0) != (b.i < 0))) { q -= 1; m += b.i; }
+                    r = int_number(op[0] == '/' ? q : m);
+                }
+            } else {
+                double q, m;
+                float_divmod(x, y, &q, &m);
+                r = float_number(op[0] == '/' ? q : m);
+            }
+        }
+    }
+    if (r.is_float && !isfinite(r.f)) return "result is not a finite number";
+    *out = r;
+    return NULL;
+}
+
+// a float as Python's repr writes it: the fewest digits that read back as the same float, in Python's layout
+static void python_repr(char *out, size_t size, double x) {
+    if (isinf(x)) { snprintf(out, size, x > 0 ? "inf" : "-inf"); return; }
+    char buffer[40], digits[24], text[64];
+    for (int precision = 1; precision <= 17; precision++) {
+        snprintf(buffer, sizeof(buffer), "%.*e", precision - 1, x);  // [-]D.DDDe[+-]XX
+        if (strtod(buffer, NULL) == x) break;
+    }
+    int n_digits = 0, negative = buffer[0] == '-';
+    const char *p = buffer + negative;
+    for (; *p != 'e'; p++) if (*p != '.') digits[n_digits++] = *p;
+    digits[n_digits] = '\0';
+    int point = atoi(p + 1) + 1, at = 0;  // x = 0.DIGITS * 10^point
+    if (negative) text[at++] = '-';
+    if (point <= -4 || point > 16) {  // where Python switches to an exponent
+        at += sprintf(text + at, "%c%s%s", digits[0], n_digits > 1 ? "." : "", digits + 1);
+        sprintf(text + at, "e%c%02d", point - 1 < 0 ? '-' : '+', abs(point - 1));
+    } else if (point <= 0) {
+        at += sprintf(text + at, "0.");
+        for (int i = 0; i < -point; i++) text[at++] = '0';
+        sprintf(text + at, "%s", digits);
+    } else if (point < n_digits) {
+        sprintf(text + at, "%.*s.%s", point, digits, digits + point);
+    } else {
+        at += sprintf(text + at, "%s", digits);
+        for (int i = n_digits; i < point; i++) text[at++] = '0';
+        sprintf(text + at, ".0");
+    }
+    snprintf(out, size, "%s", text);
+}
+
+// engine.format_result: integers, integral floats below 1e15 as integers, other floats rounded to 6 decimals
+static void format_result(char *out, size_t size, Number x) {
+    if (!x.is_float) { snprintf(out, size, "%lld", (long long)x.i); return; }
+    if (isfinite(x.f) && x.f == floor(x.f) && fabs(x.f) < 1e15) { snprintf(out, size, "%lld", (long long)x.f); return; }
+    double rounded = x.f;
+    if (isfinite(x.f)) {  // round(x, 6): the correctly rounded 6-decimal value, read back as a float
+        char buffer[400];
+        snprintf(buffer, sizeof(buffer), "%.6f", x.f);
+        rounded = strtod(buffer, NULL);
+    }
+    python_repr(out, size, rounded);
+}
+
+// engine.calculator(expression) into out: the result text, or "error: ..."
+static void calculator(const Tokenizer *tok, const char *expression, char *out, size_t size) {
+    int n_bytes = (int)strlen(expression), n = 0;
+    uint32_t *cp = xmalloc((n_bytes + 1) * sizeof(uint32_t));
+    for (int b = 0; b < n_bytes; n++) b += utf8_decode((const unsigned char *)expression + b, n_bytes - b, &cp[n]);
+    int start = 0, end = n;
+    while (start < end && is_python_space(cp[start])) start++;
+    while (end > start && is_python_space(cp[end - 1])) end--;
+    int quoted = 0, length = 0;
+    for (int i = start; i < end; i++) quoted |= cp[i] == '"' || cp[i] == '\'';
+    for (int i = start; i < end; i++) {  // thousands separators: a comma after a digit and before exactly 3 digits
+        int separator = !quoted && cp[i] == ',' && i > start && is_digit(cp[i - 1]) && i + 3 < end &&
+                        is_digit(cp[i + 1]) && is_digit(cp[i + 2]) && is_digit(cp[i + 3]) &&
+                        (i + 4 >= end || !is_digit(cp[i + 4]));
+        if (!separator) cp[length++] = cp[i];
+    }
+    Calc *k = xmalloc(sizeof(Calc));
+    Number value;
+    const char *error = NULL;
+    if (length > CALC_MAX_CHARS) error = "expression too long";
+    else if (!(error = calc_lex(k, tok, cp, length))) {
+        int root = parse_sum(k);
+        if (!k->bad && calc_is(k, ",")) root = parse_tuple(k, root);
+        if (k->bad || k->tokens[k->at].kind != TOKEN_END) error = "not a valid expression";
+        else if (k->python_nodes + 1 > CALC_MAX_NODES) error = "expression too complex";  // (+1: the Expression)
+        else error = calc_eval(k, root, &value);
+    }
+    if (error) snprintf(out, size, "error: %s", error);
+    else format_result(out, size, value);
+    free(k);
+    free(cp);
+}
+
+// ----------------------------------------------------------------------------
 // generation, chat and perplexity
 
 static double time_s(void) {
@@ -1005,7 +1496,8 @@ static double time_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// print a token's bytes; special tokens of tool use print as sample.py shows them, others not at all
+// print a token's bytes; the special tokens of tool use print as chat.py shows them ([calculator: 4*6 = 24]),
+// others not at all
 static void print_token(const Tokenizer *t, int id) {
     if (id < 0 || id >= t->vocab_size) return;
     if (t->kinds[id] == 0) {
@@ -1014,9 +1506,8 @@ static void print_token(const Tokenizer *t, int id) {
         const char *name = (const char *)t->pieces[id];
         int n = t->lengths[id];
         if (n == 16 && !memcmp(name, "<|python_start|>", 16)) printf("[calculator: ");
-        else if (n == 14 && !memcmp(name, "<|python_end|>", 14)) printf("]");
         else if (n == 16 && !memcmp(name, "<|output_start|>", 16)) printf(" = ");
-        else if (n == 14 && !memcmp(name, "<|output_end|>", 14)) printf(" ");
+        else if (n == 14 && !memcmp(name, "<|output_end|>", 14)) printf("]");
     }
     fflush(stdout);
 }
@@ -1110,8 +1601,8 @@ Chat in the format of tokenizer.render_conversation, chosen by the special token
     Llama 3  <|begin_of_text|> <|start_header_id|>user<|end_header_id|>"\n\n" user<|eot_id|> ... ends at <|eot_id|>
 The first user message comes from -i (or stdin), the following ones from stdin; the conversation continues in the
 KV cache until end of input or the end of the context. A ChatML template's default system message (SmolLM2's,
-Qwen2.5's) is not in the tokenizer file: export.py prints it, pass it with -y. Tool calls are shown as
-[calculator: ...] but not run: run.c has no calculator.
+Qwen2.5's) is not in the tokenizer file: export.py prints it, pass it with -y. In our format the calculator
+answers the model's tool calls (see the calculator section above), as chat.py's does.
 */
 enum { FORMAT_OURS, FORMAT_CHATML, FORMAT_LLAMA3 };
 
@@ -1119,6 +1610,8 @@ typedef struct {
     int format;
     int ids[6];  // ours: user/assistant/system start and end; ChatML: im_start, im_end; Llama 3: header start/end, eot
     int end_of_turn;
+    int tools;   // ours, with the tool tokens: python_start, python_end, output_start, output_end below
+    int python_start, python_end, output_start, output_end;
 } ChatFormat;
 
 static ChatFormat chat_format(const Tokenizer *tok) {
@@ -1139,7 +1632,46 @@ static ChatFormat chat_format(const Tokenizer *tok) {
         if (f.ids[i] < 0) fail("the tokenizer has no %s token; chat mode needs the chat special tokens", names[i]);
     }
     f.end_of_turn = f.format == FORMAT_OURS ? f.ids[3] : f.format == FORMAT_CHATML ? f.ids[1] : f.ids[2];
+    f.python_start = special_id(tok, "<|python_start|>");
+    f.python_end = special_id(tok, "<|python_end|>");
+    f.output_start = special_id(tok, "<|output_start|>");
+    f.output_end = special_id(tok, "<|output_end|>");
+    f.tools = f.format == FORMAT_OURS && f.python_start >= 0 && f.python_end >= 0 && f.output_start >= 0 &&
+              f.output_end >= 0;
     return f;
+}
+
+/*
+The model just wrote <|python_end|> (the last of history's n tokens): the tokens to force after it, as engine.py's
+tool hook makes them: <|output_start|> calculator(expression) <|output_end|>. The expression is the text of the
+tokens since the last special token, which must be <|python_start|>. Returns how many tokens are in *forced.
+*/
+static int tool_answer(const Tokenizer *tok, const ChatFormat *f, const int *history, int n, int **forced) {
+    int start = n - 2;
+    while (start >= 0 && !(history[start] < tok->vocab_size && tok->kinds[history[start]] == 1)) start--;
+    char result[512];
+    if (start < 0 || history[start] != f->python_start) {
+        snprintf(result, sizeof(result), "error: <|python_end|> without <|python_start|>");
+    } else {
+        size_t length = 0;
+        for (int i = start + 1; i < n - 1; i++) if (history[i] < tok->vocab_size) length += tok->lengths[history[i]];
+        char *expression = xmalloc(length + 1), *at = expression;
+        for (int i = start + 1; i < n - 1; i++) {
+            if (history[i] >= tok->vocab_size) continue;  // (ids past the tokenizer: a vocabulary padded for speed)
+            memcpy(at, tok->pieces[history[i]], tok->lengths[history[i]]);
+            at += tok->lengths[history[i]];
+        }
+        *at = '\0';
+        calculator(tok, expression, result, sizeof(result));
+        free(expression);
+    }
+    int *ids, n_ids = encode(tok, result, &ids);
+    *forced = xmalloc((size_t)(n_ids + 2) * sizeof(int));
+    (*forced)[0] = f->output_start;
+    memcpy(*forced + 1, ids, n_ids * sizeof(int));
+    (*forced)[n_ids + 1] = f->output_end;
+    free(ids);
+    return n_ids + 2;
 }
 
 // push the tokens of a + b, encoded as one piece of text
@@ -1195,8 +1727,8 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
     ChatFormat format = chat_format(tok);
     int end_of_turn = format.end_of_turn;
     int seq_len = tr->config.seq_len, pos = 0, carry = -1;  // carry: the last sampled token, not yet fed
-    int *pending = xmalloc((size_t)seq_len * sizeof(int));  // tokens to feed before the answer
-    int *answer = xmalloc((size_t)seq_len * sizeof(int));   // the sampled tokens of the answer, for -v
+    int *history = xmalloc((size_t)seq_len * sizeof(int));  // every token fed, by position
+    int *answer = xmalloc((size_t)seq_len * sizeof(int));   // the tokens of the answer, for -v
     char line[8192];
     int n_timed = 0, n_prompt_tokens = 0;
     double time_in_generation = 0.0, time_in_prompts = 0.0;
@@ -1209,7 +1741,7 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
             if (!read_line("User: ", line, sizeof(line))) break;
             message = line;
         }
-        int n_pending = 0;
+        int *pending = history + pos, n_pending = 0;  // the tokens to feed before the answer
         if (carry >= 0) {
             push(pending, &n_pending, carry, pos, seq_len);
             if (format.format == FORMAT_CHATML) push_text(tok, pending, &n_pending, "\n", "", pos, seq_len);
@@ -1233,10 +1765,20 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
             next = sample(sampler, logits);
             n_new++;
             if (next == end_of_turn || next == tok->bos_id || pos >= seq_len || (steps > 0 && n_new > steps)) break;
-            answer[n_answer++] = next;
+            history[pos] = answer[n_answer++] = next;
             print_token(tok, next);
-            logits = forward(tr, next, pos++);
-            n_timed++;
+            int n_feed = 1;
+            if (format.tools && next == format.python_end) {  // the calculator's answer goes in as if the model wrote it
+                int *forced, n_forced = tool_answer(tok, &format, history, pos + 1, &forced);
+                for (int i = 0; i < n_forced && pos + n_feed < seq_len && (steps == 0 || n_new < steps); i++, n_new++) {
+                    history[pos + n_feed++] = answer[n_answer++] = forced[i];
+                    print_token(tok, forced[i]);
+                }
+                free(forced);
+            }
+            logits = prefill(tr, history + pos, n_feed, pos);  // (one token: forward)
+            pos += n_feed;
+            n_timed += n_feed;
         }
         time_in_generation += time_s() - t0;
         printf("\n");
@@ -1254,7 +1796,7 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
     if (n_timed > 0 && time_in_generation > 0) fprintf(stderr, "achieved tok/s: %.2f\n", n_timed / time_in_generation);
     if (n_prompt_tokens > 0 && time_in_prompts > 0)
         fprintf(stderr, "prompt tok/s: %.2f (%d prompt tokens)\n", n_prompt_tokens / time_in_prompts, n_prompt_tokens);
-    free(pending);
+    free(history);
     free(answer);
 }
 
@@ -1300,6 +1842,19 @@ static void encode_lines(Tokenizer *tok, const char *text) {
     }
 }
 
+// the calculator's answer to each line of the text, one line each: for tests
+static void calculator_lines(const Tokenizer *tok, const char *text) {
+    for (const char *line = text; *line;) {
+        size_t length = strcspn(line, "\n");
+        char *copy = xmalloc(length + 1), result[512];
+        memcpy(copy, line, length);
+        calculator(tok, copy, result, sizeof(result));
+        printf("%s\n", result);
+        free(copy);
+        line += length + (line[length] == '\n');
+    }
+}
+
 // ----------------------------------------------------------------------------
 // the command line
 
@@ -1315,7 +1870,8 @@ static void usage(void) {
             "  -n <int>    new tokens to generate, default 256 (capped by the context); chat: per answer, 0 = no cap\n"
             "  -i <string> prompt (chat: the first user message)\n"
             "  -f <string> read the prompt from this file\n"
-            "  -m <string> mode: generate | chat | perplexity | encode (token ids of each line), default generate\n"
+            "  -m <string> mode: generate | chat | perplexity | encode (token ids of each line) |\n"
+            "              calculator (the chat calculator's answer to each line), default generate\n"
             "  -y <string> system prompt in chat mode\n"
             "  -v <int>    1: print the generated token ids at the end, default 0\n"
             "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n"
@@ -1382,8 +1938,9 @@ int main(int argc, char *argv[]) {
     if (topp < 0.0f || topp > 1.0f) fail("-p must be in [0, 1], got %g", topp);
     if (steps < 0 || steps > (1 << 24)) fail("-n must be in [0, 2^24], got %ld", steps);
     if (block < 1 || block > 1024) fail("-b must be in [1, 1024], got %ld", block);
-    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity") && strcmp(mode, "encode"))
-        fail("unknown mode -m %s; expected generate, chat, perplexity or encode", mode);
+    if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "perplexity") && strcmp(mode, "encode") &&
+        strcmp(mode, "calculator"))
+        fail("unknown mode -m %s; expected generate, chat, perplexity, encode or calculator", mode);
     char *file_text = prompt_file ? read_text_file(prompt_file) : NULL;
     if (file_text) prompt = file_text;
 
@@ -1408,7 +1965,8 @@ int main(int argc, char *argv[]) {
     else if (!strcmp(mode, "chat"))
         chat(&transformer, &tokenizer, &sampler, prompt, system_prompt, (int)steps, (int)show_tokens);
     else if (!strcmp(mode, "perplexity")) perplexity(&transformer, &tokenizer, prompt ? prompt : "");
-    else encode_lines(&tokenizer, prompt ? prompt : "");
+    else if (!strcmp(mode, "encode")) encode_lines(&tokenizer, prompt ? prompt : "");
+    else calculator_lines(&tokenizer, prompt ? prompt : "");
 
     free_tokenizer(&tokenizer);
     free_transformer(&transformer);

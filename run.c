@@ -11,11 +11,12 @@ or group-wise int8 weights. Prompts are encoded like tokenizer.py: GPT-4's regex
 below, with the Unicode letter / number / space classes read from the tokenizer file), then byte-level BPE by
 merge rank.
 
-The file reads top to bottom: the model's structs, its building blocks in plain C, the forward pass, reading the
-model file, the tokenizer, the sampler, generation and chat, the command line. The last section ("speed") holds
-what only makes it fast: SIMD dot products for AVX2 / AVX-512 (float32, and int8 with the CPU's int8 dot-product
-instructions), a vectorizable e^x and 2 MB pages for the weights. The plain functions hand their work to it where
-this build has it; a reader may skip it.
+The file reads top to bottom: the model's structs, its building blocks in plain C, the forward pass (one token),
+the same for a block of prompt tokens, reading the model file, the tokenizer, the sampler, the calculator tool,
+generation and chat, the command line. The last section ("speed") holds what only makes it fast: SIMD dot products
+for AVX2 / AVX-512 (float32, and int8 with the CPU's int8 dot-product instructions), tiled matrix-matrix kernels for
+the prompt's blocks, SIMD attention, a vectorizable e^x and 2 MB pages for the weights. The plain functions hand their
+work to it where this build has it; a reader may skip it.
 */
 
 #include <ctype.h>
@@ -2272,6 +2273,11 @@ static inline __attribute__((always_inline)) void tile_int8(float *out, const in
 }
 #endif
 
+// GCC keeps a tile's vectors in registers (instead of loading x again for every row) only with its scheduler that
+// watches register pressure, which -O3 leaves off on x86: ~40% faster here
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("schedule-insns", "sched-pressure")))
+#endif
 static int fast_matmul_block(float *out, const float *x, const QVector *xq, Matrix w, int n, int d, int group_size,
                              int n_tokens) {
 #if defined(__AVX2__) && defined(__FMA__)

@@ -1,8 +1,10 @@
 """
-Tokens per second of run.c at llama2.c's model shapes, float32 and int8, on 1 and 2 threads.
+Tokens per second of run.c at llama2.c's model shapes and SmolLM2-135M's, float32 and int8, on 1 and 2 threads:
+generation, and the time to first token for prompts of 32, 200 and 1000 tokens (beside the Python engine's).
 
-    python bench/run_c.py                          # stories15M, 42M and 110M shapes
+    python bench/run_c.py                          # stories15M, 42M and 110M shapes, and SmolLM2-135M's
     python bench/run_c.py --shapes 15M --threads 2 --steps 128
+    python bench/run_c.py --shapes SmolLM2 --threads 2 --prompts 200 --python False
 
 Random weights (the speed does not depend on their values). Every run samples with -p 1.0, because top-p over
 the near-flat logits of a random model would measure the sampler rather than the model; one extra run per
@@ -15,6 +17,14 @@ bandwidth left by other machines on the same host (it moved between ~40 and ~80 
 figure also comes as a share of the ceiling measured in the same minutes: bench/read_bandwidth.c streams a
 buffer of the model file's size with as many threads, alternating with the runs, and its best GB/s divided by the
 file size (the bytes a token reads) is the tok/s no matmul code can beat.
+
+Time to first token: ./run -n 1 on a prompt of exactly N tokens (the byte-level tokenizer: <|bos|> and N - 1 bytes of
+text), as run.c reports it (from the prompt's first token into the model to the first token sampled), best of the
+repeats; prompt tok/s is N divided by it, and GFLOP/s counts 2 flops per weight of the layers per prompt token (the
+attention over the cache comes on top). The prompt goes through the model in blocks of 64 tokens (-b); a prompt is
+not bound by memory bandwidth but by arithmetic. The Python engine's time to first token (engine.generate, float32,
+PyTorch on as many threads) is measured on the same model and prompt. Every model here has max_seq_len 2048 so that
+the 1000-token prompt fits (the context length changes nothing else).
 """
 
 import argparse
@@ -38,7 +48,12 @@ SHAPES = {  # llama2.c's TinyStories models
     "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256),
     "42M": dict(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024),
     "110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024),
+    # SmolLM2-135M-Instruct's shape (random weights; the speed does not depend on their values)
+    "SmolLM2": dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                    max_seq_len=8192, rope_theta=100000.0),
 }
+PROMPT_TEXT = ("Once upon a time, in a small town by the sea, there lived a girl who loved to count the boats in the "
+               "harbour every morning before school. ")
 # llama2.c's run.c / runq.c on this kind of machine, 2 threads, -p 1.0 (the issue's reference figures)
 LLAMA2C = {"fp32": {"15M": 712, "42M": 176, "110M": 64}, "int8": {"15M": 619, "42M": 226, "110M": 104}}
 
@@ -69,7 +84,7 @@ def read_bandwidth(binary, size_bytes, threads):
 
 def random_model(shape):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**shape, tie_embeddings=True))
+    model = Transformer(ModelArgs(**{**shape, "max_seq_len": 2048}, tie_embeddings=True))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
@@ -102,26 +117,69 @@ def tokens_per_second(binary, model_path, tokenizer_path, threads, steps, topp):
     return run_c(binary, model_path, tokenizer_path, threads, steps, topp)[0]
 
 
+def prompt_file(folder, n_tokens):
+    """A text of n_tokens - 1 bytes: with <|bos|>, a prompt of n_tokens byte-level tokens."""
+    path = os.path.join(folder, f"prompt_{n_tokens}.txt")
+    with open(path, "w") as f:
+        f.write((PROMPT_TEXT * (n_tokens // len(PROMPT_TEXT) + 1))[:n_tokens - 1])
+    return path
+
+
+def time_to_first_token(binary, model_path, tokenizer_path, threads, prompt_path):
+    """Seconds from the prompt's first token into ./run to the first token out, as run.c reports them."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [binary, model_path, "-z", tokenizer_path, "-t", "0", "-n", "1", "-f", prompt_path]
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr}")
+    return float(re.search(r"time to first token: ([0-9.]+) s", result.stderr).group(1))
+
+
+def python_time_to_first_token(model, tokenizer, n_tokens, threads, repeats):
+    """The Python engine's time to first token on the same prompt: engine.generate, float32, best of the repeats."""
+    import engine
+    torch.set_num_threads(threads)
+    prompt = [tokenizer.bos_id] + tokenizer.encode((PROMPT_TEXT * (n_tokens // len(PROMPT_TEXT) + 1))[:n_tokens - 1])
+    assert len(prompt) == n_tokens
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        next(engine.generate(model, tokenizer, prompt, max_new_tokens=1, temperature=0, tools=False))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def layer_weights(shape):
+    """Weights of the layers (what every prompt token multiplies): attention and feed-forward."""
+    dim, hidden, layers = shape["dim"], shape["hidden_dim"], shape["n_layers"]
+    kv_dim = dim // shape["n_heads"] * shape.get("n_kv_heads", shape["n_heads"])
+    return layers * (2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="15M,42M,110M", help="comma-separated: 15M, 42M, 110M")
+    parser.add_argument("--shapes", default="15M,42M,110M,SmolLM2", help="comma-separated: 15M, 42M, 110M, SmolLM2")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--steps", type=int, default=256, help="new tokens per run (-n)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported")
     parser.add_argument("--dtypes", default="fp32,int8")
+    parser.add_argument("--prompts", default="32,200,1000", help="prompt lengths for the time to first token ('' = none)")
+    parser.add_argument("--python", default="True", help="also time the Python engine's first token (True/False)")
     args = parser.parse_args()
+    prompt_lengths = [int(n) for n in args.prompts.split(",") if n.strip()]
     shapes = [s.strip() for s in args.shapes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; -t 1.0 -p 1.0 -n {args.steps}, best of {args.repeats}")
     tokenizer = Tokenizer.byte_level()
-    rows = []
+    rows, first_token_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         binary, probe = os.path.join(tmp, "run"), os.path.join(tmp, "read_bandwidth")
         build(binary)
         build(probe, os.path.join("bench", "read_bandwidth.c"))
         tokenizer_path = os.path.join(tmp, "tokenizer.bin")
         write_tokenizer(tokenizer, tokenizer_path)
+        prompts = {n: prompt_file(tmp, n) for n in prompt_lengths}
         for shape in shapes:
             model = random_model(SHAPES[shape])
             for dtype in dtypes:
@@ -154,12 +212,36 @@ def main():
                       f"{sorted(r[1] for r in full)[len(full) // 2]:.1f}% of the time at -p 1.0, "
                       f"{sorted(r[1] for r in nucleus)[len(nucleus) // 2]:.1f}% at -p 0.9 "
                       f"({max(r[0] for r in nucleus):.1f} tok/s)", flush=True)
+                for n_threads in threads:
+                    for n_tokens, prompt_path in prompts.items():
+                        ttft = min(time_to_first_token(binary, path, tokenizer_path, n_threads, prompt_path)
+                                   for _ in range(args.repeats))
+                        gflops = 2 * layer_weights(SHAPES[shape]) * n_tokens / ttft / 1e9
+                        first_token_rows.append((shape, dtype, n_threads, n_tokens, ttft))
+                        print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}, {n_tokens:4d}-token prompt: first "
+                              f"token after {ttft:7.3f} s ({n_tokens / ttft:7.1f} prompt tok/s, {gflops:5.1f} GFLOP/s)",
+                              flush=True)
                 os.remove(path)
+            if args.python == "True":
+                n_threads = max(threads)
+                for n_tokens in prompt_lengths:
+                    ttft = python_time_to_first_token(model, tokenizer, n_tokens, n_threads, args.repeats)
+                    first_token_rows.append((shape, "python fp32", n_threads, n_tokens, ttft))
+                    print(f"  Python engine, fp32, {n_threads} threads, {n_tokens:4d}-token prompt: first token after "
+                          f"{ttft:7.3f} s ({n_tokens / ttft:7.1f} prompt tok/s)", flush=True)
             del model
-    print("\nshape  dtype  threads     tok/s   of ceiling   vs llama2.c")
+    print("\ngeneration\n  shape  dtype  threads     tok/s   of ceiling   vs llama2.c")
     for shape, dtype, n_threads, tps, reference, share in rows:
         ratio = f"{tps / reference:.2f}x of {reference}" if reference else ""
-        print(f"{shape:>5}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {100 * share:9.0f}%   {ratio}")
+        print(f"{shape:>7}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {100 * share:9.0f}%   {ratio}")
+    if first_token_rows:
+        print("\ntime to first token, seconds (prompt tok/s)")
+        print(f"  shape        dtype  threads  " + "  ".join(f"{n:>17}" for n in prompt_lengths))
+        keys = sorted({r[:3] for r in first_token_rows}, key=lambda k: [r[:3] for r in first_token_rows].index(k))
+        for key in keys:
+            cells = {r[3]: r[4] for r in first_token_rows if r[:3] == key}
+            print(f"{key[0]:>7}  {key[1]:>11}  {key[2]:>7}  " +
+                  "  ".join(f"{cells[n]:7.3f} ({n / cells[n]:6.1f})" for n in prompt_lengths))
 
 
 if __name__ == "__main__":

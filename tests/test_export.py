@@ -207,6 +207,80 @@ def test_threaded_build_matches_single_thread(trained, run_binary, tmp_path):
             assert tokens_line(threaded.stdout) == single and len(single) >= 16, (model_file, sampling)
 
 
+def test_prompt_in_blocks_matches_token_by_token_and_pytorch(trained, run_binary, tmp_path):
+    """The prompt goes through the model in blocks (-b, default 64): the same logits as feeding it one token at a
+    time (-b 1, the generation path) and as PyTorch, for blocks that fill the prompt exactly and ragged ones, fp32
+    and int8, one thread and two; the greedy tokens after it are the same."""
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[-3000:]
+    prompt = text[:text.index("\n", 280)]  # ~150 tokens: several blocks of 7 and 64, a ragged last one
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    assert 130 <= len(prompt_ids) <= 200 and len(prompt_ids) % 7 and len(prompt_ids) % 64
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(prompt, encoding="utf-8")
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt_ids]))[0][0, -1]
+    omp_binary = compile_run(tmp_path / "runomp", "-O3", "-march=native", "-fopenmp")
+    for model_file in (trained["fp32"], trained["int8"]):
+        outputs = {}
+        for binary, threads in ((run_binary, 1), (omp_binary, 2)):
+            for block in (1, 7, 64):
+                args = [model_file, "-z", trained["tok"], "-t", 0, "-n", 40, "-v", 1, "-l", 1, "-b", block, "-f",
+                        prompt_file]
+                result = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+                                        errors="replace", env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                        timeout=60)
+                assert result.returncode == 0, result.stderr
+                assert f"prompt of {len(prompt_ids)} tokens" in result.stderr
+                logits = torch.tensor([float(v) for v in re.search(r"^logits:(.*)$", result.stdout, re.M).group(1).split()])
+                outputs[threads, block] = (logits, tokens_line(result.stdout))
+        one_by_one, one_by_one_tokens = outputs[1, 1]
+        assert len(one_by_one_tokens) == 40
+        for (threads, block), (logits, tokens) in outputs.items():
+            assert (logits - one_by_one).abs().max() < 1e-4, (model_file.name, threads, block)
+            assert tokens == one_by_one_tokens, (model_file.name, threads, block)
+            if model_file == trained["fp32"]:
+                assert (logits - expected).abs().max() < 1e-4, (threads, block)
+
+
+def test_chat_turns_go_through_in_blocks_like_pytorch(trained, run_binary):
+    """Chat mode feeds each turn's tokens (the last reply's end, the user's turn, the assistant's header) as a
+    block: three turns give PyTorch's greedy replies on the same token history, fp32 (and int8 as one token at a
+    time does), with blocks of 5 and the default."""
+    model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
+    user_start, user_end = tokenizer.special("<|user_start|>"), tokenizer.special("<|user_end|>")
+    assistant_start, assistant_end = tokenizer.special("<|assistant_start|>"), tokenizer.assistant_end_id
+    messages = ["Who is there?", "Nay, answer me: stand, and unfold yourself.", "Long live the king!"]
+    steps = 24
+    history = tokenizer.render_for_completion([{"role": "system", "content": "Speak in verse."},
+                                               {"role": "user", "content": messages[0]}])
+    expected = []
+    for turn, message in enumerate(messages):
+        if turn > 0:
+            history += [assistant_end, user_start] + tokenizer.encode(message) + [user_end, assistant_start]
+        reply = []
+        for tokens, _ in model.generate(history, steps + 1, temperature=0):
+            if tokens[0] in (assistant_end, tokenizer.bos_id) or len(reply) == steps:
+                break
+            reply.append(tokens[0])
+        expected.append(reply)
+        history += reply
+    stdin = "\n".join(messages[1:]) + "\n"
+    for model_file in (trained["fp32"], trained["int8"]):
+        replies = {}
+        for block in (1, 5, 64):
+            c = subprocess.run([str(run_binary), str(model_file), "-z", str(trained["tok"]), "-m", "chat", "-t", "0",
+                                "-n", str(steps), "-v", "1", "-b", str(block), "-y", "Speak in verse.", "-i", messages[0]],
+                               input=stdin, capture_output=True, text=True, errors="replace", timeout=60,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert c.returncode == 0, c.stderr
+            replies[block] = [[int(t) for t in line.split()] for line in re.findall(r"^tokens:(.*)$", c.stdout, re.M)]
+            assert len(replies[block]) == 3 and "prompt tok/s" in c.stderr
+        assert replies[5] == replies[64] == replies[1], model_file.name
+        if model_file == trained["fp32"]:
+            assert replies[64] == expected and sum(map(len, expected)) >= 30
+
+
 def ranked_by_probability(probs):
     """Token ids from the most probable down (a stable sort: ties by id, as run.c takes them) and the mass of the
     tokens before each: the nucleus of top-p p is the first (mass_before < p).sum() of them."""

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, run_stage
 from engine import calculator, generate
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from test_export import compile_run, export, run_c, tokens_line
 
 

@@ -15,11 +15,41 @@ from model import LoRALinear, apply_lora, merge_lora
 SFT = [a for a in TINY_TRAIN if not a.startswith("--data=")] + ["--block_size=128"]
 
 
+# Eight questions, each with a training answer and a validation answer that differs in one detail. Training on the
+# first lowers the validation loss while the model learns the words the two share, then raises it without bound:
+# the surer the model is of "blue", the less probability is left for "green" (loss >= -log(1 - p("blue"))).
+FACTS = [("What color is the sky on a clear day?", "The sky is blue.", "The sky is green."),
+         ("How many legs does a spider have?", "A spider has eight legs.", "A spider has six legs."),
+         ("What is the capital of France?", "The capital of France is Paris.", "The capital of France is Rome."),
+         ("What do bees make?", "Bees make honey.", "Bees make milk."),
+         ("Which planet do we live on?", "We live on the Earth.", "We live on the Moon."),
+         ("What is frozen water called?", "Frozen water is called ice.", "Frozen water is called sand."),
+         ("Which animal says moo?", "The cow says moo.", "The dog says moo."),
+         ("How many days are in a week?", "A week has seven days.", "A week has five days.")]
+
+
+def short_alpaca_conversations(tokenizer):
+    """The first 8 of the 50 Alpaca training conversations that render to at most 96 tokens: few and short
+    enough for a tiny model to learn by heart in a test."""
+    short = [m for m in alpaca_conversations(50) if len(tokenizer.render_conversation(m)[0]) <= 96][:8]
+    assert len(short) == 8
+    return short
+
+
 @pytest.fixture(scope="module")
 def chat_data(data_dir, shakespeare_tokenizer):
-    """data_dir gains 'alpaca' (50 train / 10 val real Alpaca pairs) and 'partial' (half the conversations
-    have no assistant turn, so whole micro-batches have nothing to learn)."""
+    """data_dir gains 'alpaca' (50 train / 10 val real Alpaca pairs), 'alpaca_short' (8 short ones of those 50),
+    'facts' (FACTS: the right answers to train on, the changed ones to validate on) and 'partial' (half the
+    conversations have no assistant turn, so whole micro-batches have nothing to learn)."""
     prepare_chat_source(data_dir / "alpaca", {"train": alpaca_conversations(50), "val": alpaca_conversations(10, 50)},
+                        shakespeare_tokenizer)
+    prepare_chat_source(data_dir / "alpaca_short", {"train": short_alpaca_conversations(shakespeare_tokenizer),
+                                                    "val": alpaca_conversations(10, 50)}, shakespeare_tokenizer)
+
+    def conversation(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    prepare_chat_source(data_dir / "facts", {"train": [conversation(q, right) for q, right, _ in FACTS],
+                                             "val": [conversation(q, changed) for q, _, changed in FACTS]},
                         shakespeare_tokenizer)
     user_only = [[{"role": "user", "content": "Say something."}]]
     prepare_chat_source(data_dir / "partial", {"train": user_only + alpaca_conversations(1),
@@ -81,48 +111,62 @@ def test_micro_batch_with_nothing_to_learn(chat_data, base_checkpoint, shakespea
 
 
 def test_sft_on_real_alpaca_learns_the_format(chat_data, base_checkpoint, shakespeare_tokenizer, tmp_path):
+    """SFT teaches the chat format. Forced, not hoped for: 8 short real Alpaca conversations, one full batch, 150
+    epochs, so the model learns them by heart and greedy replies to those prompts are exactly the training replies
+    (checked over 5 seeds, 1 and 2 threads, AVX2 and scalar kernels: every reply token beat the runner-up by at
+    least 4.8 logits)."""
     out = tmp_path / "sft"
-    result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca", f"--out_dir={out}",
-                       f"--init_from={base_checkpoint}", "--num_epochs=30", "--eval_interval=105",
+    result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca_short", f"--out_dir={out}",
+                       f"--init_from={base_checkpoint}", "--num_epochs=150", "--eval_interval=50",
                        "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10")
-    assert "num_epochs=30.0: 210 steps" in result.stdout  # 50 conversations / batch 8 = 7 batches per epoch
+    assert "num_epochs=150.0: 150 steps" in result.stdout  # 8 conversations / batch 8 = 1 batch per epoch
     evals = read_log(out, "eval")
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.0
     model, tokenizer, checkpoint = load_checkpoint(str(out / "ckpt.pt"))
     assert checkpoint["data_format"] == "chat"
     assistant_end = tokenizer.special("<|assistant_end|>")
-    well_formed = 0
-    for messages in alpaca_conversations(8):
+    conversations = short_alpaca_conversations(shakespeare_tokenizer)
+    for messages in conversations:
         prompt = tokenizer.render_for_completion(messages[:1])
         reply = [t[0] for t, _ in model.generate(prompt, 150, temperature=0.0, stop_tokens=[assistant_end])]
         text = [t for t in reply[:-1] if not tokenizer.is_special(t)]
         # text, then the end of the turn, and no other template token
-        well_formed += reply[-1] == assistant_end and len(text) >= 2 and len(text) == len(reply) - 1
-    assert well_formed >= 5, f"only {well_formed} of 8 replies were text followed by <|assistant_end|>"
-    # sample.py takes the chat checkpoint without extra flags and answers the prompt as a user turn
-    sample = run_stage("sample.py", f"--ckpt={out / 'ckpt.pt'}", "--start=Give three tips for staying healthy.",
-                       "--temperature=0", "--max_new_tokens=60")
-    assert "chat model" in sample.stderr and sample.stdout.strip()
+        assert reply[-1] == assistant_end and len(text) >= 2 and len(text) == len(reply) - 1, \
+            f"not text followed by <|assistant_end|>: {tokenizer.decode(reply)!r}"
+        assert tokenizer.decode(text) == messages[1]["content"]
+    # sample.py takes the chat checkpoint without extra flags and answers the prompt as a user turn (a prompt
+    # continued as plain text would not give the learned reply)
+    question, answer = next((m[0]["content"], m[1]["content"]) for m in conversations if "\n" not in m[0]["content"])
+    sample = run_stage("sample.py", f"--ckpt={out / 'ckpt.pt'}", f"--start={question}", "--temperature=0",
+                       "--max_new_tokens=100")
+    assert "chat model" in sample.stderr and sample.stdout.strip() == answer
 
 
 def test_overfitting_warning_and_early_stopping(chat_data, base_checkpoint, tmp_path):
+    """Forced, not hoped for: on FACTS the val loss falls while the model learns the words that the train and val
+    answers share, then rises at every evaluation as it grows sure of the training answers, while the train loss
+    keeps falling (one full batch at a modest constant learning rate: smooth steps). Checked over 5 seeds, 1 and 2
+    threads, AVX2 and scalar kernels: val loss fell by at least 2.9 before the best step, then rose by 0.04-0.16
+    at each of the 4 evaluations up to the early stop."""
     out = tmp_path / "overfit"
-    result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca", f"--out_dir={out}",
-                       f"--init_from={base_checkpoint}", "--max_iters=400", "--eval_interval=20",
-                       "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--patience=4",
+    result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=facts", f"--out_dir={out}",
+                       f"--init_from={base_checkpoint}", "--max_iters=300", "--eval_interval=8",
+                       "--learning_rate=2e-3", "--min_lr=2e-3", "--warmup_iters=0", "--patience=4",
                        "--overfit_warning_evals=2")
     evals = read_log(out, "eval")
     assert "warning: overfitting? val loss rose for 2 evaluations while train loss fell" in result.stdout
-    assert "early stopping" in result.stdout and evals[-1]["iter"] < 400
+    assert "early stopping" in result.stdout and evals[-1]["iter"] < 300
     best = min(evals, key=lambda e: e["val_loss"])
+    assert best["iter"] > 0  # val loss fell before it rose: there is a best.pt
     assert f"the best checkpoint is step {best['iter']}" in result.stdout
     assert torch.load(out / "best.pt", weights_only=True)["iter_num"] == best["iter"]
 
 
 def test_oversampling_and_refusals(chat_data, base_checkpoint, tmp_path):
     result = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca,partial:3",
-                       f"--out_dir={tmp_path / 'mix'}", f"--init_from={base_checkpoint}", "--max_iters=2")
+                       f"--out_dir={tmp_path / 'mix'}", f"--init_from={base_checkpoint}", "--num_epochs=0.5")
     assert "52 conversations (56 per epoch), 7 batches per epoch" in result.stdout  # 50 + 3 x 2, 8 per batch
+    assert "num_epochs=0.5: 4 steps" in result.stdout  # half of 7 batches, rounded up
     mixed = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca,shakespeare",
                       f"--out_dir={tmp_path / 'bad'}", check=False)
     assert mixed.returncode == 1 and "mixes text and chat sources" in mixed.stderr

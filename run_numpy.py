@@ -8,13 +8,13 @@ read the forward pass as a few dozen lines of array code.
     python run_numpy.py model.npz -i "Once upon a time" -t 0.8 -p 0.9 -s 42
 
 The model file is export.py's --format=npz: every weight a float32 array under model.py's names
-(layers.0.attention.wq.weight, ...; no output.weight when the head is tied to the embedding), and string entries
-model_args (model.py's ModelArgs as JSON) and tokenizer (the tokenizer file). The forward pass is model.py's:
-RMSNorm, RoPE on interleaved pairs (with Llama 3's frequency scaling when model_args has rope_scaling),
-grouped-query attention, SwiGLU, attention biases (Qwen2), a tied or separate output head; in float32, its logits
-equal PyTorch's within 1e-4 (tests/test_numpy_export.py). Generation keeps a KV cache, reads the prompt in one
-pass, then one token per step; greedy (-t 0) gives engine.py's tokens. It imports tokenizer.py (tiktoken and
-regex) and engine.py (the calculator), neither of which imports torch.
+(layers.0.attention.wq.weight, ...; no output.weight when the head is tied to the embedding), and string
+entries model_args (model.py's ModelArgs as JSON) and tokenizer (the tokenizer file). The forward pass is
+model.py's: RMSNorm, RoPE on interleaved pairs (with Llama 3's frequency scaling when model_args has
+rope_scaling), grouped-query attention, SwiGLU, attention biases (Qwen2), a tied or separate output head; in
+float32, its logits equal PyTorch's within 1e-4 (tests/test_numpy_export.py). Generation keeps a KV cache,
+reads the prompt in one pass, then one token per step; greedy (-t 0) gives engine.py's tokens. It imports
+tokenizer.py (tiktoken and regex) and engine.py (the calculator), neither of which imports torch.
 """
 
 import argparse
@@ -39,17 +39,17 @@ def expected_shapes(args):
     """{weight name: shape} of a model with these arguments, as model.py's state_dict has them."""
     dim, head_dim = args["dim"], args["dim"] // args["n_heads"]
     q_dim, kv_dim, hidden = args["n_heads"] * head_dim, args["n_kv_heads"] * head_dim, args["hidden_dim"]
+    per_layer = {"attention.wq.weight": (q_dim, dim), "attention.wk.weight": (kv_dim, dim),
+                 "attention.wv.weight": (kv_dim, dim), "attention.wo.weight": (dim, q_dim),
+                 "feed_forward.w1.weight": (hidden, dim), "feed_forward.w2.weight": (dim, hidden),
+                 "feed_forward.w3.weight": (hidden, dim), "attention_norm.weight": (dim,),
+                 "ffn_norm.weight": (dim,)}
+    if args.get("attention_bias"):
+        per_layer.update({"attention.wq.bias": (q_dim,), "attention.wk.bias": (kv_dim,),
+                          "attention.wv.bias": (kv_dim,)})
     shapes = {"tok_embeddings.weight": (args["vocab_size"], dim), "norm.weight": (dim,)}
     for i in range(args["n_layers"]):
-        layer = f"layers.{i}."
-        shapes.update({layer + "attention.wq.weight": (q_dim, dim), layer + "attention.wk.weight": (kv_dim, dim),
-                       layer + "attention.wv.weight": (kv_dim, dim), layer + "attention.wo.weight": (dim, q_dim),
-                       layer + "feed_forward.w1.weight": (hidden, dim), layer + "feed_forward.w2.weight": (dim, hidden),
-                       layer + "feed_forward.w3.weight": (hidden, dim),
-                       layer + "attention_norm.weight": (dim,), layer + "ffn_norm.weight": (dim,)})
-        if args.get("attention_bias"):
-            shapes.update({layer + "attention.wq.bias": (q_dim,), layer + "attention.wk.bias": (kv_dim,),
-                           layer + "attention.wv.bias": (kv_dim,)})
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
     if not args["tie_embeddings"]:
         shapes["output.weight"] = (args["vocab_size"], dim)
     return shapes
@@ -63,6 +63,8 @@ def load_model(path):
     """
     try:
         npz = np.load(path)  # allow_pickle stays False: nothing in the file can run code
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found (python export.py --format=npz writes one)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     with npz:
@@ -73,10 +75,12 @@ def load_model(path):
         weights = {name: npz[name].astype(np.float32) for name in npz.files if "." in name}
     shapes = expected_shapes(args)
     missing = [name for name in shapes if name not in weights]
+    unexpected = [name for name in weights if name not in shapes]
     wrong = [f"{name} {weights[name].shape} (expected {shape})" for name, shape in shapes.items()
              if name in weights and weights[name].shape != shape]
-    if missing or wrong:
-        raise ValueError(f"{path}: weights do not match model_args: missing {missing[:3]}, wrong shape {wrong[:3]}")
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: weights do not match model_args: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
     if args["tie_embeddings"]:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     rope_cos, rope_sin = rope_tables(args)
@@ -106,7 +110,7 @@ def rmsnorm(x, weight, eps):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]); x (T, heads, head_dim), cos and sin (T, head_dim/2)."""
+    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]); x (T, heads, head_dim); cos, sin (T, hd / 2)."""
     x0, x1 = x[..., 0::2], x[..., 1::2]
     cos, sin = cos[:, None, :], sin[:, None, :]
     rotated = np.empty_like(x)
@@ -162,7 +166,7 @@ def forward(model, tokens, pos, cache):
         x = x + linear(y, w, layer + "attention.wo")
         h = rmsnorm(x, w[layer + "ffn_norm.weight"], eps)
         gate = linear(h, w, layer + "feed_forward.w1")
-        silu = gate * 0.5 * (1 + np.tanh(0.5 * gate))  # gate * sigmoid(gate), with no overflow for large -gate
+        silu = gate * 0.5 * (1 + np.tanh(0.5 * gate))  # gate * sigmoid(gate), no overflow for large -gate
         x = x + linear(silu * linear(h, w, layer + "feed_forward.w3"), w, layer + "feed_forward.w2")
     return rmsnorm(x, w["norm.weight"], eps) @ w["output.weight"].T
 
@@ -192,7 +196,7 @@ def generate(model, tokenizer, prompt, max_new_tokens, temperature=0.0, top_p=1.
     """
     Yield (token, forced) for each new token after prompt (a list of ids), as engine.generate does for one
     sample: stop after a sampled stop token (default: the end of the assistant's turn and <|bos|>) or at
-    max_seq_len; with tools, the calculator's answer is forced in after <|python_end|> (engine.py's tool hook).
+    max_seq_len; with tools, the calculator's answer is forced in after <|python_end|> (engine.py's hook).
     """
     if stop_tokens is None:
         stop_tokens = [tokenizer.assistant_end_id, tokenizer.bos_id]
@@ -227,14 +231,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run an export.py --format=npz model with NumPy (no torch).")
     parser.add_argument("model", help="the .npz file (python export.py --format=npz)")
     parser.add_argument("-i", dest="prompt", default="", help="the prompt (chat: the user's message)")
-    parser.add_argument("-n", dest="steps", type=int, default=256, help="most tokens to generate (default 256)")
-    parser.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
+    parser.add_argument("-n", dest="steps", type=int, default=256, help="most tokens to generate (256)")
+    parser.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1)")
     parser.add_argument("-p", dest="top_p", type=float, default=0.9, help="top-p (nucleus) sampling (0.9)")
     parser.add_argument("-s", dest="seed", type=int, default=None, help="random seed (default: the time)")
     parser.add_argument("-m", dest="mode", choices=["generate", "chat"], default="generate",
                         help="generate: continue the prompt; chat: answer it as a user message")
     parser.add_argument("-y", dest="system", default="", help="chat: a system message")
-    parser.add_argument("-v", dest="show_tokens", type=int, default=0, help="1: print the generated token ids")
+    parser.add_argument("-v", dest="show_tokens", type=int, default=0, help="1: print the new token ids")
     options = parser.parse_args(argv)
     if options.steps < 1 or options.temperature < 0 or not 0 < options.top_p <= 1:
         parser.error("-n must be at least 1, -t at least 0, -p in (0, 1]")
@@ -254,7 +258,8 @@ def main(argv=None):
         print(options.prompt, end="", flush=True)
         stop_tokens, tools = [tokenizer.bos_id], False  # a new document ends the text, as in run.c
     if len(prompt) >= model["args"]["max_seq_len"]:
-        sys.exit(f"error: the prompt is {len(prompt)} tokens; the model's context is {model['args']['max_seq_len']}")
+        sys.exit(f"error: the prompt is {len(prompt)} tokens; the model's context is "
+                 f"{model['args']['max_seq_len']}")
     decoder = engine.TextDecoder(tokenizer)
     generated, t_first = [], None
     for token, _ in generate(model, tokenizer, prompt, options.steps, options.temperature, options.top_p,
@@ -266,7 +271,7 @@ def main(argv=None):
             break
         piece = decoder.piece(token)
         print(SHOWN.get(piece, piece), end="", flush=True)
-    print()
+    print(flush=True)
     if options.show_tokens:
         print("tokens: " + " ".join(map(str, generated)))
     if len(generated) > 1:

@@ -1,5 +1,6 @@
-"""eval.py --tasks=chat:NAME: the held-out answers of a chat source scored (exact match, token F1, ROUGE-L equal
-to the rouge-score package, perplexity), two checkpoints compared on the same items, and bpb of the answers."""
+"""eval.py --tasks=chat:NAME: the held-out answers of a chat source scored (exact match, token F1, ROUGE-L
+equal to the rouge-score package's, perplexity), two checkpoints compared on the same items, and bpb of the
+answers."""
 
 import importlib
 import json
@@ -25,7 +26,8 @@ TOKENIZER = Tokenizer.byte_level()
 
 # held-out conversations as prepare/chat.py renders them; each one's last answer is what gets scored
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris."}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a primary colour."},
      {"role": "assistant", "content": "Red"}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
@@ -70,7 +72,8 @@ def test_text_metrics_by_hand():
     assert ev.exact_match("An apple.", "apple") == 1 and ev.exact_match("apples", "apple") == 0
     # "cat sat on mat" vs "cat on mat": 3 shared words, precision 3/4, recall 1
     assert ev.token_f1("the cat sat on the mat", "a cat on a mat") == pytest.approx(2 * 0.75 / 1.75)
-    assert ev.token_f1("", "") == 1.0 and ev.token_f1("the", "cat") == 0.0 and ev.token_f1("dog", "cat") == 0.0
+    assert ev.token_f1("", "") == 1.0 and ev.token_f1("the", "cat") == 0.0
+    assert ev.token_f1("dog", "cat") == 0.0
     assert ev.token_f1("cat cat", "cat") == pytest.approx(2 * 0.5 / 1.5)  # repeats count once per match
     # ROUGE-L's textbook example: the LCS of these is "police the gunman", 3 of 4 words each way
     assert ev.rouge_l("police kill the gunman", "police killed the gunman") == 0.75
@@ -99,8 +102,8 @@ def test_each_item_is_the_last_answer_prompted_as_chat_py_would(tmp_path, chat_f
     tokenizer, conversations, references = TOKENIZER, CONVERSATIONS, REFERENCES
     if chat_format == "chatml":  # an imported model's format (SmolLM2's); no tool calls there
         specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
-        tokenizer = Tokenizer(dict(TOKENIZER.mergeable_ranks), TOKENIZER.pattern, specials, chat_format="chatml",
-                              bos_token="<|endoftext|>")
+        tokenizer = Tokenizer(dict(TOKENIZER.mergeable_ranks), TOKENIZER.pattern, specials,
+                              chat_format="chatml", bos_token="<|endoftext|>")
         conversations, references = CONVERSATIONS[:3], REFERENCES[:3]
     meta = prepare_chat_source(tmp_path / "qa", {"train": conversations, "val": conversations}, tokenizer)
     items, untrained = ev.read_holdout(str(tmp_path / "qa"), meta, tokenizer)
@@ -128,8 +131,9 @@ def test_an_answer_equal_to_the_reference_scores_100_and_a_uniform_model_has_per
     assert metrics["perplexity"]["value"] == pytest.approx(TOKENIZER.vocab_size, rel=1e-5)
     assert not metrics["perplexity"]["above_baseline_99"]
     # the counted tokens: each last answer's trained ones, so the tool's output "144" and its markers are not
-    assert metrics["perplexity"]["tokens"] == sum(len(r.encode()) + 1 for r in ["Paris.", "Red", "It is 42."]) + \
-        len("Let me compute. ") + 1 + len("12*12") + 1 + len(" It is 144.") + 1
+    plain = sum(len(r) + 1 for r in ["Paris.", "Red", "It is 42."])  # byte tokens + <|assistant_end|>
+    with_tool = len("Let me compute. ") + 1 + len("12*12") + 1 + len(" It is 144.") + 1
+    assert metrics["perplexity"]["tokens"] == plain + with_tool
     wrong = Oracle(TOKENIZER.vocab_size, {prompt: TOKENIZER.encode("Bananas")
                                           + [TOKENIZER.assistant_end_id] for prompt in answers})
     assert ev.holdout_metrics(ev.score_holdout(wrong, TOKENIZER, items, "qa"), 267)["rouge_l"]["value"] == 0.0
@@ -159,7 +163,8 @@ def test_greedy_answers_and_perplexity_match_the_engine_and_a_forward_pass_by_ha
 def test_paired_difference_of_a_checkpoint_with_itself_is_zero_and_otherwise_the_mean_of_item_differences():
     a = [{"exact_match": e, "token_f1": f, "rouge_l": r, "answer_nats": n, "answer_tokens": t}
          for e, f, r, n, t in [(1, 1.0, 1.0, 2.0, 4), (0, 0.5, 0.4, 9.0, 3), (0, 0.0, 0.2, 7.0, 5)]]
-    b = [{**x, "exact_match": 0, "rouge_l": x["rouge_l"] / 2, "answer_nats": x["answer_nats"] + 1.2} for x in a]
+    b = [{**x, "exact_match": 0, "rouge_l": x["rouge_l"] / 2, "answer_nats": x["answer_nats"] + 1.2}
+         for x in a]
     same = ev.paired_differences(a, a)
     assert all(d["value"] == 0 and d["stderr"] == 0 and d["better"] == d["worse"] == 0 for d in same.values())
     d = ev.paired_differences(a, b)
@@ -180,8 +185,9 @@ def test_bpb_on_chat_data_counts_the_answers(qa_dir, monkeypatch):
     uniform = Oracle(TOKENIZER.vocab_size, {})
     result = ev.run_bpb(uniform, TOKENIZER, checkpoint)
     bpb = result["metrics"]["bpb"]
-    # every trained token of every answer (earlier answers too, end-of-turn tokens too), over the answers' bytes
-    answer_texts = ["Paris.", "Red", "Hello! How can I help?", "It is 42.", "Let me compute. 12*12 It is 144."]
+    # every trained token of every answer (earlier ones and end-of-turn tokens too), over the answers' bytes
+    answer_texts = ["Paris.", "Red", "Hello! How can I help?", "It is 42.",
+                    "Let me compute. 12*12 It is 144."]
     assert bpb["bytes"] == sum(len(t.encode()) for t in answer_texts)
     assert bpb["tokens"] == bpb["bytes"] + 5 + 2  # byte tokens + 5 <|assistant_end|> + <|python_start/end|>
     assert bpb["value"] == pytest.approx(math.log2(TOKENIZER.vocab_size) * bpb["tokens"] / bpb["bytes"])
@@ -227,8 +233,8 @@ def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
     assert "chat:qa rouge_l" in report and "chat:qa perplexity" in report
     assert f"best.pt (step 20) vs {paths['base']} (step 10), chat:qa, 3 items: exact_match" in report
     # --compare pairs items of chat:NAME tasks only
-    bad = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy,chat:qa", f"--compare={paths['base']}",
-                    check=False)
+    bad = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy,chat:qa",
+                    f"--compare={paths['base']}", check=False)
     assert bad.returncode == 1 and "chat:NAME tasks only, not arc_easy" in bad.stderr
 
 
@@ -237,14 +243,15 @@ def test_report_card_has_a_holdout_row_and_sfts_paired_change(tmp_path):
     (tmp_path / "eval").mkdir()
     rouge = {"base": [0.1, 0.2, 0.0, 0.3], "sft": [0.5, 0.2, 0.4, 0.2]}
     for name, values in rouge.items():
-        items = [{"id": i, "exact_match": 0, "token_f1": r, "rouge_l": r, "answer_nats": 5.0, "answer_tokens": 4}
-                 for i, r in enumerate(values)]
+        items = [{"id": i, "exact_match": 0, "token_f1": r, "rouge_l": r, "answer_nats": 5.0,
+                  "answer_tokens": 4} for i, r in enumerate(values)]
         task = {"n": 4, "metrics": ev.holdout_metrics(items, 267), "items": items}
-        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({"mode": "chat", "tasks": {"chat:qa": task}}))
+        result = {"mode": "chat", "tasks": {"chat:qa": task}}
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(result))
     markdown, figures = report.build_report(str(tmp_path))
     assert "| chat:qa rouge_l (%) | 15.0 ± 6.5 | 32.5 ± 7.5 | 0.0 | 4 |" in markdown
     # the same 4 conversations: differences 0.4, 0, 0.4, -0.1
     change = figures["holdout_change"]["chat:qa"]
     assert change["difference"] == pytest.approx(0.175) and (change["better"], change["worse"]) == (2, 1)
-    assert "SFT's change in ROUGE-L on the conversations held out of qa, the same 4 answers: **+17.5 ± 13.1 points**" \
-        in markdown
+    assert ("SFT's change in ROUGE-L on the conversations held out of qa, the same 4 answers: "
+            "**+17.5 ± 13.1 points**") in markdown

@@ -41,7 +41,8 @@ def test_numpy_logits_equal_pytorch(name, tmp_path):
     assert tokenizer.sha256 == TOKENIZER.sha256 and loaded["args"] == asdict(model.args)
     assert np.abs(loaded["rope_cos"] - model.rope_cos.numpy()).max() < 1e-6
     assert np.abs(loaded["rope_sin"] - model.rope_sin.numpy()).max() < 1e-6
-    tokens = torch.randint(0, TOKENIZER.vocab_size, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, TOKENIZER.vocab_size, (64,), generator=generator).tolist()
     with torch.no_grad():
         expected = model(torch.tensor([tokens]))[0][0].numpy()  # (64, vocab_size)
     whole = run_numpy.forward(loaded, tokens, 0, run_numpy.new_cache(loaded["args"], 64))
@@ -58,7 +59,7 @@ def test_greedy_tokens_equal_the_engines_with_the_calculator(tmp_path):
     python_start, python_end = TOKENIZER.special("<|python_start|>"), TOKENIZER.special("<|python_end|>")
     with torch.no_grad():
         # only the sign of the first normalized feature decides the next token: <|python_start|> or
-        # <|python_end|>, so the model keeps calling the calculator and the engine keeps forcing its answers in
+        # <|python_end|>, so the model keeps calling the calculator, and the engine forcing its answers in
         model.norm.weight.zero_()
         model.norm.weight[0] = 1.0
         model.output.weight.zero_()
@@ -72,7 +73,7 @@ def test_greedy_tokens_equal_the_engines_with_the_calculator(tmp_path):
     assert sum(f for _, f in got) > 10  # the calculator's answers were forced in, and read by the model
 
 
-def test_sampling_temperature_and_top_p():
+def test_sampling_temperature_and_top_p(tmp_path):
     rng = np.random.default_rng(0)
     logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
     assert run_numpy.sample(logits, 0.0, 1.0, rng) == 0
@@ -83,12 +84,13 @@ def test_sampling_temperature_and_top_p():
     assert counts[2] == 0 and abs(counts[0] - 5 / 8) < 0.03
     # a low temperature sharpens towards the most likely token
     assert np.mean([run_numpy.sample(logits, 0.1, 1.0, rng) == 0 for _ in range(200)]) > 0.95
-    model = random_model(vocab_size=TOKENIZER.vocab_size)
-    loaded = {"args": asdict(model.args), "rope_cos": model.rope_cos.numpy(), "rope_sin": model.rope_sin.numpy(),
-              "weights": {k: v.numpy() for k, v in model.state_dict().items()}}
+    loaded, _ = export(random_model(vocab_size=TOKENIZER.vocab_size), tmp_path / "model.npz")
     prompt = TOKENIZER.encode("Once", bos=True)
-    draw = lambda seed: [t for t, _ in run_numpy.generate(loaded, TOKENIZER, prompt, 30, 1.0, 1.0, seed, False, [])]
-    assert draw(7) == draw(7) and draw(7) != draw(8)
+
+    def draw(seed):
+        return [t for t, _ in run_numpy.generate(loaded, TOKENIZER, prompt, 30, 1.0, 1.0, seed, False, [])]
+
+    assert draw(7) == draw(7) and draw(7) != draw(8)  # seeded
 
 
 def test_bad_files_are_refused_with_the_reason(tmp_path):
@@ -110,14 +112,16 @@ def test_bad_files_are_refused_with_the_reason(tmp_path):
 
 def test_run_numpy_runs_without_torch_and_replies_as_the_engine(tmp_path):
     model = random_model(vocab_size=TOKENIZER.vocab_size, max_seq_len=128)
-    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
-                     "data_format": "chat", "iter_num": 3}, str(tmp_path / "ckpt.pt"))
-    run_stage("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--format=npz", f"--out={tmp_path / 'model.npz'}")
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(),
+                     "tokenizer": TOKENIZER.to_json(), "data_format": "chat", "iter_num": 3},
+                    str(tmp_path / "ckpt.pt"))
+    npz = tmp_path / "model.npz"
+    run_stage("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--format=npz", f"--out={npz}")
     # torch made unimportable: `import torch` anywhere in run_numpy.py or what it imports fails
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run_numpy.py'] + sys.argv[1:]; "
             "runpy.run_path('run_numpy.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.npz"), "-m", "chat", "-i", "Hello",
-                             "-t", "0", "-n", "40", "-v", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, str(npz), "-m", "chat", "-i", "Hello", "-t", "0",
+                             "-n", "40", "-v", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     prompt = TOKENIZER.render_for_completion([{"role": "user", "content": "Hello"}])
     expected = [tokens[0] for tokens, _ in engine.generate(model, TOKENIZER, prompt, 40, temperature=0.0)]

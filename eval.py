@@ -33,7 +33,28 @@ greedily with the calculator tool on (zero-shot).
 
 GSM8K answers: "strict" is the number after '####', "flexible" the last number in the answer; both ignore
 commas, '$' and a trailing '.' (lm-evaluation-harness's strict-match and flexible-extract filters).
-bpb: bits per byte on a prepared token source's val split, in non-overlapping windows of max_seq_len tokens.
+bpb: bits per byte on a prepared token source's val split, in non-overlapping windows of max_seq_len tokens;
+on a chat source, bits per byte of the assistant's answers (the tokens the loss mask trains, over the bytes of
+their text: train.py's masked val loss, per byte instead of per token).
+
+Your own chat data (prepare/chat.py holds out --val_fraction of the conversations as the val split):
+    python eval.py --ckpt=out/ft/best.pt --tasks=chat:my_qa --limit=200            # data/my_qa/val.bin
+    python eval.py --ckpt=out/ft/best.pt --tasks=chat:my_qa --compare=out/base/best.pt
+chat:NAME scores the last assistant answer of each val conversation: the model answers greedily (engine.py,
+calculator on, at most max_new_tokens) given every token before that answer, and
+    exact_match   the answer equals the reference after SQuAD's normalization (lowercase, no punctuation, no
+                  articles a/an/the, single spaces)
+    token_f1      SQuAD's F1 of the normalized words the two share
+    rouge_l       ROUGE-L F-measure: the longest common subsequence of the words as the rouge-score package
+                  splits them by default (lowercase runs of a-z and 0-9, no stemming); equal to its
+                  RougeScorer(['rougeL'])
+    perplexity    exp(mean negative log-likelihood per token of the reference answers), over the tokens the
+                  loss mask trains (each answer's <|assistant_end|> included), all items' tokens pooled; one
+                  forward pass per conversation; lower is better
+The reference is the answer's text; tool calls in it, and in the model's answers, read <<expression=result>>.
+--compare=CKPT scores a second checkpoint (e.g. the base model) on the same items and adds, per metric, the
+mean paired difference (this checkpoint minus the other) and its standard error over items; for perplexity the
+difference of log-perplexities (its exp is the ratio of the two perplexities).
 
 Every score comes with its standard error (lm-evaluation-harness's: sample std / sqrt(n)), a 95% interval
 (Wilson), the random baseline (1 / number of choices, averaged over items) and whether the score is above that
@@ -44,7 +65,8 @@ baseline at 99% (one-sided exact test). Results go beside the checkpoint:
     eval_scores.png                 the scores over checkpoints
 
 A task is its entry in TASKS below (prompt, choices, target, few-shot split, metrics); a new multiple-choice
-task in the normalized format is one entry there plus its <task_dir>/<task>/<split>.jsonl files.
+task in the normalized format is one entry there plus its <task_dir>/<task>/<split>.jsonl files. chat:NAME has
+one entry for every NAME, built by task_entry.
 """
 
 import json
@@ -52,8 +74,10 @@ import math
 import os
 import random
 import re
+import string
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -82,11 +106,13 @@ mode = "auto"  # 'auto' = from the checkpoint's data_format;
 #                'base' (log-likelihood) or 'chat' (letters, conversation)
 task_dir = "data/tasks"  # normalized task files from prepare/tasks.py: <task_dir>/<task>/<split>.jsonl
 source = ""  # read tasks straight from a folder laid out like ../shared/data instead of task_dir
-data_dir = ""  # prepared token sources for bpb; empty = the data_dir the checkpoint was trained with
+data_dir = ""  # prepared token sources for bpb and chat:NAME;
+#                empty = the data_dir the checkpoint was trained with
 bpb_data = ""  # the token source whose val split bpb is measured on;
 #                empty = the (first) source of the checkpoint
 batch_size = 16  # sequences per forward pass (multiple choice and bpb)
-max_new_tokens = 256  # GSM8K: most tokens generated per answer (lm-eval's max_gen_toks)
+max_new_tokens = 256  # GSM8K and chat:NAME: most tokens generated per answer (lm-eval's max_gen_toks)
+compare = ""  # chat:NAME: a second checkpoint scored on the same items, with the paired difference per metric
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' = bfloat16 on a GPU that has it (float16 on older ones), float32 elsewhere
 num_threads = 0  # CPU threads for torch; 0 = torch's default
@@ -135,6 +161,60 @@ def extract_answer_flexible(text):
         return None
     last = [m for m in matches[-1] if m]
     return normalize_answer(last[0].strip()) if last else None
+
+
+# the overlap of a generated answer with the reference (chat:NAME)
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = set(string.punctuation)
+
+
+def normalize_text(text):
+    """SQuAD's answer normalization: lowercase, punctuation removed, then the articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction, reference):
+    return int(normalize_text(prediction) == normalize_text(reference))
+
+
+def token_f1(prediction, reference):
+    """SQuAD's F1: precision and recall of the normalized words both share (counted with repeats)."""
+    predicted, expected = normalize_text(prediction).split(), normalize_text(reference).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    shared = sum((Counter(predicted) & Counter(expected)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_words(text):
+    """Words as the rouge-score package splits text by default: lowercase runs of a-z and 0-9, no stemming."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def longest_common_subsequence(a, b):
+    """Length of the longest common subsequence of two lists, by dynamic programming one row at a time."""
+    previous = [0] * (len(b) + 1)  # previous[j]: LCS of the items of a so far (but the last) and b[:j]
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F-measure: LCS / predicted words (precision), LCS / reference words (recall), harmonic mean."""
+    predicted, expected = rouge_words(prediction), rouge_words(reference)
+    lcs = longest_common_subsequence(predicted, expected) if predicted and expected else 0
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(predicted), lcs / len(expected)
+    return 2 * precision * recall / (precision + recall)
 
 
 def is_choice_record(r):
@@ -223,11 +303,20 @@ TASKS = {
     "bpb": {"kind": "bpb", "headline": {"base": ["bpb"], "chat": ["bpb"]}},
 }
 
+# chat:NAME, the answers held out of a prepared chat source (data_dir/NAME/val.bin); task_entry builds it:
+#   kind    "holdout": generated answers scored against the references, and the references' perplexity
+#   source  NAME
+HOLDOUT_HEADLINE = ["rouge_l", "exact_match", "perplexity"]
+
 
 def task_entry(name):
-    """A task's entry in TASKS; an unknown name is a user error that lists the tasks."""
+    """A task's entry in TASKS (or chat:NAME's); an unknown name is a user error that lists the tasks."""
+    if name.startswith("chat:") and name[len("chat:"):]:
+        return {"kind": "holdout", "source": name[len("chat:"):],
+                "headline": {"base": HOLDOUT_HEADLINE, "chat": HOLDOUT_HEADLINE}}
     if name not in TASKS:
-        raise EvalError(f"unknown task {name!r}; expected a comma-separated list of {', '.join(TASKS)}")
+        raise EvalError(f"unknown task {name!r}; expected a comma-separated list of {', '.join(TASKS)} "
+                        "or chat:NAME (the held-out conversations of the chat source data_dir/NAME)")
     return TASKS[name]
 
 
@@ -560,6 +649,215 @@ def bits_per_byte(model, tokens, n_tokens_split, n_bytes_split, vocab_size, batc
 
 
 # -----------------------------------------------------------------------------------------------------
+# chat data: the held-out answers (chat:NAME) and bits per byte of the answers (bpb)
+
+
+def conversation_bounds(tokens, tokenizer, where):
+    """(start, end) of every conversation of a chat token file: each one starts with <|bos|>."""
+    starts = np.flatnonzero(np.asarray(tokens) == tokenizer.bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        raise EvalError(f"{where}: chat data starts every conversation with {tokenizer.bos_token}; this file "
+                        "does not (prepare it with prepare/chat.py and the checkpoint's tokenizer)")
+    return list(zip(starts.tolist(), np.append(starts[1:], len(tokens)).tolist()))
+
+
+def read_chat_split(folder, meta, tokenizer):
+    """The val split's tokens and loss mask, checked to belong together."""
+    tokens, mask = open_tokens(folder, "val", meta), open_tokens(folder, "val", meta, mask=True)
+    if len(mask) != len(tokens):
+        raise EvalError(f"{folder}/val.mask.bin has {len(mask):,} entries for the {len(tokens):,} tokens of "
+                        "val.bin; prepare the source again (prepare/chat.py writes both)")
+    return tokens, mask
+
+
+def last_answer_start(ids, mask, tokenizer):
+    """
+    Where a conversation's last assistant answer starts: its last run of trained tokens (mask 1), extended
+    back over the tool outputs inside the answer (<|output_start|>...<|output_end|>: given, so mask 0) to the
+    tool call before each. None when the conversation trains no token.
+    """
+    trained = np.flatnonzero(mask)
+    if len(trained) == 0:
+        return None
+    output_start = tokenizer.special("<|output_start|>") if tokenizer.has_tools else None
+    output_end = tokenizer.special("<|output_end|>") if tokenizer.has_tools else None
+    start = int(trained[-1])
+    while True:
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        if output_end is None or start == 0 or ids[start - 1] != output_end:
+            return start
+        opening = start - 1
+        while opening > 0 and ids[opening] != output_start:
+            opening -= 1
+        if opening == 0 or not mask[opening - 1]:
+            return start
+        start = opening - 1  # the <|python_end|> of the call whose output this was
+
+
+def read_holdout(folder, meta, tokenizer, limit=0):
+    """
+    The items of a chat source's val split, its held-out conversations: one per conversation that trains
+    something, {id: its index in the split, ids, mask, answer_start}, ids ending with the last answer's last
+    trained token (its end-of-turn token). The first `limit` (0: all). Returns (items, number of
+    conversations without an answer).
+    """
+    tokens, mask = read_chat_split(folder, meta, tokenizer)
+    items, untrained = [], 0
+    for index, (begin, end) in enumerate(conversation_bounds(tokens, tokenizer, f"{folder}/val.bin")):
+        ids, trained = tokens[begin:end].astype(np.int64), mask[begin:end].astype(np.int64)
+        answer_start = last_answer_start(ids, trained, tokenizer)
+        if answer_start is None:
+            untrained += 1
+            continue
+        answer_end = int(np.flatnonzero(trained)[-1]) + 1
+        items.append({"id": index, "ids": ids[:answer_end], "mask": trained[:answer_end],
+                      "answer_start": answer_start})
+        if limit and len(items) == limit:
+            break
+    return items, untrained
+
+
+@torch.no_grad()
+def masked_nats(model, rows, batch_size, label="nll"):
+    """
+    Negative log-likelihood (nats, summed) and number of the tokens each row's mask selects, each predicted
+    from the tokens before it. rows: (ids, mask) of equal length, at most max_seq_len + 1 tokens. They go
+    longest first, batch_size to a forward pass, padded on the right (causal attention: padding never changes
+    earlier logits).
+    """
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+    nats, counts = [0.0] * len(rows), [0] * len(rows)
+    bar = progress(label, len(rows))
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        width = len(rows[batch[0]][0]) - 1
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        y = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: not counted
+        for r, i in enumerate(batch):
+            ids, mask = np.asarray(rows[i][0], dtype=np.int64), np.asarray(rows[i][1])
+            targets = np.where(mask[1:] == 1, ids[1:], -1)
+            x[r, :len(ids) - 1] = torch.from_numpy(ids[:-1])
+            y[r, :len(ids) - 1] = torch.from_numpy(targets)
+        device = model_device(model)
+        _, loss = model(x.to(device), y.to(device), loss_reduction="none")  # (B, width), 0 where not counted
+        for r, i in enumerate(batch):
+            nats[i], counts[i] = float(loss[r].sum()), int((y[r] != -1).sum())
+        bar.update(len(batch))
+    bar.close()
+    return nats, counts
+
+
+def score_holdout(model, tokenizer, items, label):
+    """
+    Each item's greedy answer (engine.py, calculator on), its exact match, token F1 and ROUGE-L against the
+    reference, and the reference answer's negative log-likelihood under the model (its trained tokens).
+    """
+    max_len = model.args.max_seq_len
+    room = min(max_new_tokens, max_len // 2)  # a prompt longer than max_len - room is cut on the left
+    scored = []
+    bar = progress(f"{label} answers", len(items))
+    for item in items:
+        prompt = item["ids"][:item["answer_start"]].tolist()
+        reply = []
+        for tokens, _ in engine.generate(model, tokenizer, prompt[-(max_len - room):], max_new_tokens,
+                                         temperature=0.0, tools=True):
+            reply.append(tokens[0])
+        # ids past the tokenizer (a vocabulary padded for speed) have no text
+        prediction = render_reply(tokenizer, [t for t in reply if t < tokenizer.vocab_size])
+        reference = render_reply(tokenizer, item["ids"][item["answer_start"]:].tolist())
+        scored.append({"id": item["id"], "prompt": tokenizer.decode(prompt), "prompt_tokens": len(prompt),
+                       "prompt_cut": len(prompt) > max_len - room, "reference": reference,
+                       "prediction": prediction, "exact_match": exact_match(prediction, reference),
+                       "token_f1": token_f1(prediction, reference),
+                       "rouge_l": rouge_l(prediction, reference)})
+        bar.update()
+    bar.close()
+    rows = []
+    for item in items:
+        answer_mask = item["mask"].copy()
+        answer_mask[:item["answer_start"]] = 0  # earlier answers are part of the prompt
+        rows.append((item["ids"][-(max_len + 1):], answer_mask[-(max_len + 1):]))  # too long: keep the end
+    nats, counts = masked_nats(model, rows, batch_size, label=f"{label} perplexity")
+    for s, n, count in zip(scored, nats, counts):
+        s.update(answer_tokens=count, answer_nats=n, perplexity=math.exp(n / count))
+    return scored
+
+
+def holdout_metrics(scored, vocab_size):
+    """exact_match, token_f1, rouge_l (means over items) and perplexity (over all reference tokens)."""
+    tokens = [s["answer_tokens"] for s in scored]
+    log_perplexity, stderr = ratio_estimate([s["answer_nats"] for s in scored], tokens)
+    z_99_one_sided = 2.3263
+    # the error of the log, carried to the perplexity (delta method) and its interval
+    perplexity = {"value": math.exp(log_perplexity), "stderr": stderr and math.exp(log_perplexity) * stderr,
+                  "ci95": [None if x is None else math.exp(x) for x in interval95(log_perplexity, stderr)],
+                  "n": len(scored), "tokens": sum(tokens),
+                  "random_baseline": float(vocab_size),  # a model that gives every token the same probability
+                  "above_baseline_99": bool(stderr)
+                  and (math.log(vocab_size) - log_perplexity) / stderr > z_99_one_sided,
+                  "lower_is_better": True}
+    return {"exact_match": proportion_score([s["exact_match"] for s in scored], [0.0] * len(scored)),
+            "token_f1": mean_score([s["token_f1"] for s in scored]),
+            "rouge_l": mean_score([s["rouge_l"] for s in scored]), "perplexity": perplexity}
+
+
+def paired_differences(scored, other):
+    """
+    This checkpoint's scores minus the other's on the same items: the mean per-item difference and its
+    standard error over items. The items' own difficulty, shared by both models, cancels, so the error is
+    smaller than either score's. Perplexity: the difference of log-perplexities (the two models score the same
+    tokens), whose exp is the ratio of the perplexities.
+    """
+    differences = {}
+    for metric in ("exact_match", "token_f1", "rouge_l"):
+        d = [a[metric] - b[metric] for a, b in zip(scored, other)]
+        value, stderr = ratio_estimate(d, [1] * len(d))
+        differences[metric] = {"value": value, "stderr": stderr, "n": len(d),
+                               "ci95": interval95(value, stderr),
+                               "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+    d = [a["answer_nats"] - b["answer_nats"] for a, b in zip(scored, other)]
+    value, stderr = ratio_estimate(d, [s["answer_tokens"] for s in scored])
+    differences["log_perplexity"] = {"value": value, "stderr": stderr, "n": len(d),
+                                     "ci95": interval95(value, stderr), "perplexity_ratio": math.exp(value),
+                                     "better": sum(x < 0 for x in d), "worse": sum(x > 0 for x in d)}
+    return differences
+
+
+def answer_bits_per_byte(model, tokenizer, folder, meta, vocab_size):
+    """
+    bpb of a chat source's val split, on the assistant's answers only: the negative log-likelihood of the
+    tokens the loss mask trains (end-of-turn tokens included: ending the answer is part of it), in bits, over
+    the bytes of their text. A conversation longer than max_seq_len + 1 tokens keeps its end. --limit counts
+    conversations.
+    """
+    max_len = model.args.max_seq_len
+    tokens, mask = read_chat_split(folder, meta, tokenizer)
+    rows, answer_bytes = [], []
+    for begin, end in conversation_bounds(tokens, tokenizer, f"{folder}/val.bin"):
+        begin = max(begin, end - (max_len + 1))
+        ids, trained = tokens[begin:end].astype(np.int64), mask[begin:end].astype(np.int64)
+        counted = ids[1:][trained[1:] == 1]  # the first token of a row is never predicted
+        if len(counted) == 0:
+            continue
+        rows.append((ids, trained))
+        text_ids = [t for t in counted.tolist() if not tokenizer.is_special(t)]
+        answer_bytes.append(len(tokenizer.decode_bytes(text_ids)))
+        if limit and len(rows) == limit:
+            break
+    if not rows:
+        raise EvalError(f"bpb: {folder}/val.bin has no assistant answer (no token with mask 1)")
+    nats, counts = masked_nats(model, rows, batch_size, label="bpb")
+    value, stderr = ratio_estimate(np.array(nats) / math.log(2), answer_bytes)
+    baseline = math.log2(vocab_size) * sum(counts) / sum(answer_bytes)
+    z_99_one_sided = 2.3263
+    above = None if not stderr else bool((baseline - value) / stderr > z_99_one_sided)
+    return {"bpb": {"value": value, "stderr": stderr, "ci95": interval95(value, stderr), "n": len(rows),
+                    "tokens": sum(counts), "bytes": sum(answer_bytes), "random_baseline": baseline,
+                    "above_baseline_99": above, "lower_is_better": True}}
+
+
+# -----------------------------------------------------------------------------------------------------
 # statistics
 
 
@@ -580,6 +878,36 @@ def chance_tail(k, chances):
         right = np.concatenate([[0.0], distribution * p])  # this one right: j + 1
         distribution = wrong + right
     return float(min(1.0, distribution[k:].sum()))
+
+
+def ratio_estimate(numerators, denominators):
+    """
+    sum(numerators) / sum(denominators) over items and its standard error with the item as the unit sampled
+    (the ratio estimator's: sqrt(sum (x_i - r w_i)^2 / (n (n - 1))) / mean(w)). With every denominator 1 it is
+    the mean and the sample standard deviation / sqrt(n), lm-eval's stderr. The error is None for one item.
+    """
+    x, w = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    ratio = float(x.sum() / w.sum())
+    if len(x) < 2:
+        return ratio, None
+    return ratio, float(np.sqrt(((x - ratio * w) ** 2).sum() / (len(x) * (len(x) - 1))) / w.mean())
+
+
+def interval95(value, stderr):
+    """The normal 95% interval around a mean; [None, None] without a standard error."""
+    return [value - 1.96 * stderr, value + 1.96 * stderr] if stderr else [None, None]
+
+
+def mean_score(values):
+    """
+    A score between 0 and 1 per item (F1, ROUGE-L): mean, standard error, normal 95% interval, and whether it
+    is above 0 (what an empty answer scores) at 99%, one-sided.
+    """
+    value, stderr = ratio_estimate(values, [1] * len(values))
+    z_99_one_sided = 2.3263
+    above = value > 0 if not stderr else value / stderr > z_99_one_sided
+    return {"value": value, "stderr": stderr, "ci95": interval95(value, stderr), "n": len(values),
+            "random_baseline": 0.0, "above_baseline_99": bool(above)}
 
 
 def proportion_score(correct, chances):
@@ -613,15 +941,33 @@ def summary(result):
             m = task_result["metrics"][metric]
             scores[task if metric == task else f"{task} {metric}"] = {
                 k: m[k] for k in ("value", "stderr", "random_baseline", "above_baseline_99")}
+    # --compare: the paired differences of each chat:NAME task
+    comparisons = {task: {"checkpoint": r["compare"]["checkpoint"], "step": r["compare"]["step"],
+                          "differences": {metric: {k: d[k] for k in ("value", "stderr", "n")}
+                                          for metric, d in r["compare"]["differences"].items()}}
+                   for task, r in result["tasks"].items() if "compare" in r}
     return {k: result[k] for k in ("checkpoint", "step", "tokens_seen", "mode", "split", "limit", "num_fewshot",
-                                   "time", "results_file")} | {"scores": scores}
+                                   "time", "results_file")} | {"scores": scores, "comparisons": comparisons}
 
 
 def format_value(metric, x):
-    """bpb in bits per byte, everything else in %."""
+    """bpb in bits per byte, perplexity as it is, everything else in %."""
     if x is None:
         return "-"
-    return f"{x:.3f}" if metric.endswith("bpb") else f"{100 * x:.1f}"
+    if metric.endswith("bpb"):
+        return f"{x:.3f}"
+    return f"{x:.2f}" if metric.endswith("perplexity") else f"{100 * x:.1f}"
+
+
+def format_difference(metric, d):
+    """A paired difference as the report card and the terminal show it: points of %, or a perplexity ratio."""
+    if d["value"] is None:
+        return "-"
+    if metric == "log_perplexity":
+        text = f"x{math.exp(d['value']):.3f}"
+        return text + (f" (log {d['value']:+.3f} ± {d['stderr']:.3f})" if d["stderr"] is not None else "")
+    text = f"{100 * d['value']:+.1f}"
+    return text + (f" ± {100 * d['stderr']:.1f}" if d["stderr"] is not None else "") + " points"
 
 
 def format_score(metric, score):
@@ -649,38 +995,106 @@ def write_report(folder, history):
         cells += [format_score(c, row["scores"][c]) if c in row["scores"] else "" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     baselines = {c: row["scores"][c]["random_baseline"] for row in history for c in row["scores"]}
-    baseline_texts = [f"{c} {b:.3f}" if "bpb" in c else f"{c} {b * 100:.1f}%" for c, b in baselines.items()
-                      if b is not None]
-    lines += ["", "Random baselines: " + ", ".join(baseline_texts), "",
-              "![scores over checkpoints](eval_scores.png)", "",
+    baseline_texts = [f"{c} {format_value(c, b)}" + ("%" if format_value(c, 1.0) == "100.0" else "")
+                      for c, b in baselines.items() if b is not None]
+    lines += ["", "Random baselines: " + ", ".join(baseline_texts), ""]
+    compared = [(row, task, c) for row in history for task, c in row.get("comparisons", {}).items()]
+    if compared:
+        lines += ["Paired comparisons (--compare): this checkpoint minus the other on the same items, ± the "
+                  "standard error of the mean per-item difference.", ""]
+        for row, task, c in compared:
+            differences = ", ".join(f"{metric.replace('log_perplexity', 'perplexity')} "
+                                    f"{format_difference(metric, d)}"
+                                    for metric, d in c["differences"].items())
+            n = next(iter(c["differences"].values()))["n"]
+            lines.append(f"- {os.path.basename(row['checkpoint'])} (step {row['step']}) vs "
+                         f"{c['checkpoint']} (step {c['step']}), {task}, {n} items: {differences}")
+        lines.append("")
+    lines += ["![scores over checkpoints](eval_scores.png)", "",
               "Each evaluation's full result (every metric, 95% intervals, each item's prediction) is in the "
               "JSON file named in eval_history.jsonl.", ""]
     with open(os.path.join(folder, "eval_report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    plot_eval_scores(history, os.path.join(folder, "eval_scores.png"))
+    # the picture draws scores in % and bpb; a perplexity is neither, so it stays in the table
+    plotted = [{**row, "scores": {k: v for k, v in row["scores"].items() if not k.endswith("perplexity")}}
+               for row in history]
+    plot_eval_scores(plotted, os.path.join(folder, "eval_scores.png"))
 
 
 # -----------------------------------------------------------------------------------------------------
 
 
+def source_folder(name, checkpoint):
+    """data_dir/NAME, data_dir defaulting to the one the checkpoint was trained with."""
+    return os.path.join(data_dir or checkpoint.get("config", {}).get("data_dir", "data"), name)
+
+
+def check_source_tokenizer(folder, meta, tokenizer):
+    if meta["tokenizer_sha256"] != tokenizer.sha256:
+        raise EvalError(f"{folder}/meta.json: prepared with another tokenizer than the checkpoint's "
+                        "(tokenizer_sha256 differs); prepare it with the checkpoint's tokenizer")
+
+
 def run_bpb(model, tokenizer, checkpoint):
-    """bpb on the val split of bpb_data (default: the source the checkpoint was trained on)."""
-    config = checkpoint.get("config", {})
-    name = bpb_data or str(config.get("data", "")).split(",")[0].split(":")[0]
-    folder = os.path.join(data_dir or config.get("data_dir", "data"), name)
+    """
+    bpb on the val split of bpb_data (default: the source the checkpoint was trained on); on a chat source,
+    bits per byte of the answers (answer_bits_per_byte).
+    """
+    name = bpb_data or str(checkpoint.get("config", {}).get("data", "")).split(",")[0].split(":")[0]
+    folder = source_folder(name, checkpoint)
     try:
         meta = read_meta(folder)
     except (FileNotFoundError, ValueError) as e:
         return {"skipped": f"{e} (set --bpb_data and --data_dir)"}
-    if meta["format"] != "text":
-        return {"skipped": f"{folder} is chat data; bpb is measured on a text source (--bpb_data=NAME)"}
-    if meta["tokenizer_sha256"] != tokenizer.sha256:
-        raise EvalError(f"{folder}/meta.json: prepared with another tokenizer than the checkpoint's "
-                        "(tokenizer_sha256 differs); prepare it with the checkpoint's tokenizer")
-    counts = meta["splits"]["val"]
+    check_source_tokenizer(folder, meta, tokenizer)
+    counts = meta["splits"].get("val", {})
+    if not counts.get("tokens"):
+        return {"skipped": f"{folder} has no val split (prepare it with a --val_fraction above 0)"}
+    if meta["format"] == "chat":
+        metrics = answer_bits_per_byte(model, tokenizer, folder, meta, tokenizer.vocab_size)
+        return {"data": folder, "split": "val", "counted": "the assistant's answers (loss mask 1)",
+                "metrics": metrics}
     metrics = bits_per_byte(model, open_tokens(folder, "val", meta), counts["tokens"], counts["bytes"],
                             tokenizer.vocab_size, batch_size, limit)
     return {"data": folder, "split": "val", "metrics": metrics}
+
+
+def run_holdout(task, model, tokenizer, checkpoint, other=None):
+    """
+    chat:NAME: the conversations held out of a prepared chat source (its val split), the last answer of each
+    generated and scored. other: {"checkpoint", "step", "model"} of --compare, scored on the same items.
+    """
+    folder = source_folder(task_entry(task)["source"], checkpoint)
+    try:
+        meta = read_meta(folder)
+    except (FileNotFoundError, ValueError) as e:
+        return {"skipped": f"{e} (chat:NAME reads data_dir/NAME; set --data_dir)"}
+    if meta["format"] != "chat":
+        return {"skipped": f"{folder} is text data; {task} scores the conversations held out of a chat "
+                           "source (prepare/chat.py); for text use "
+                           f"--tasks=bpb --bpb_data={os.path.basename(folder)}"}
+    check_source_tokenizer(folder, meta, tokenizer)
+    if not meta["splits"].get("val", {}).get("tokens"):
+        return {"skipped": f"{folder} has no held-out conversations: prepare it with --val_fraction "
+                           "(e.g. 0.1) or --val_count"}
+    items, untrained = read_holdout(folder, meta, tokenizer, limit)
+    if not items:
+        return {"skipped": f"{folder}/val.bin: no conversation has an assistant answer to score"}
+    scored = score_holdout(model, tokenizer, items, task)
+    result = {"data": folder, "split": "val", "n": len(items), "conversations_without_answer": untrained,
+              "metrics": holdout_metrics(scored, tokenizer.vocab_size)}
+    if other:
+        other_scored = score_holdout(other["model"], tokenizer, items, f"{task} (compare)")
+        result["compare"] = {"checkpoint": other["checkpoint"], "step": other["step"],
+                             "metrics": holdout_metrics(other_scored, tokenizer.vocab_size),
+                             "differences": paired_differences(scored, other_scored)}
+        if save_items:
+            result["compare"]["items"] = [{k: s[k] for k in ("id", "prediction", "exact_match", "token_f1",
+                                                             "rouge_l", "answer_nats", "perplexity")}
+                                          for s in other_scored]
+    if save_items:
+        result["items"] = scored
+    return result
 
 
 def run_task(task, model, tokenizer, eval_mode):
@@ -733,6 +1147,11 @@ def main():
         raise EvalError("limit must be >= 0 and batch_size >= 1")
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
+    if compare and any(entry["kind"] != "holdout" for entry in entries.values()):
+        others = [t for t, e in entries.items() if e["kind"] != "holdout"]
+        raise EvalError(f"--compare scores a second checkpoint on the items of chat:NAME tasks only, not "
+                        f"{', '.join(others)}; for benchmarks, evaluate each checkpoint and compare their "
+                        "rows in eval_report.md")
 
     ckpt_path = ckpt or checkpoint_in(out_dir)
     run_device, _, run_dtype, autocast = setup_device(device, dtype, num_threads=num_threads)
@@ -740,6 +1159,17 @@ def main():
         model, tokenizer, checkpoint = load_checkpoint(ckpt_path, run_device)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
+    other = None
+    if compare:
+        try:
+            other_model, other_tokenizer, other_checkpoint = load_checkpoint(compare, run_device)
+        except (FileNotFoundError, ValueError) as e:
+            raise EvalError(f"--compare: {e}") from None
+        if other_tokenizer.sha256 != tokenizer.sha256:
+            raise EvalError(f"--compare={compare}: its tokenizer is not {ckpt_path}'s; a paired comparison "
+                            "scores both checkpoints on the same tokens")
+        other = {"checkpoint": os.path.abspath(compare), "step": other_checkpoint.get("iter_num"),
+                 "model": other_model}
     eval_mode = mode if mode != "auto" else ("chat" if checkpoint.get("data_format") == "chat" else "base")
     step = checkpoint.get("iter_num")
     n_params = sum(p.numel() for p in model.parameters())
@@ -752,6 +1182,8 @@ def main():
         with autocast:
             if entry["kind"] == "bpb":
                 results[task] = run_bpb(model, tokenizer, checkpoint)
+            elif entry["kind"] == "holdout":
+                results[task] = run_holdout(task, model, tokenizer, checkpoint, other)
             else:
                 results[task] = run_task(task, model, tokenizer, eval_mode)
         if "skipped" in results[task]:
@@ -768,7 +1200,8 @@ def main():
     result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
     result = {"checkpoint": os.path.abspath(ckpt_path), "step": step,
               "tokens_seen": checkpoint.get("tokens_seen"), "mode": eval_mode, "split": split, "limit": limit,
-              "num_fewshot": num_fewshot, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "num_fewshot": num_fewshot, "compare": other and other["checkpoint"],
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "seconds": round(time.time() - t_start, 2),
               "device": run_device, "results_file": os.path.abspath(result_path), "tasks": results}
     os.makedirs(os.path.dirname(os.path.abspath(result_path)), exist_ok=True)
@@ -776,7 +1209,8 @@ def main():
         json.dump(result, f, indent=1)
 
     # the scores, as a table on stdout
-    print(f"\n{'task':14s} {'metric':9s} {'score':>8s} {'stderr':>7s} {'95% interval':>17s} {'random':>7s}  n")
+    print(f"\n{'task':14s} {'metric':11s} {'score':>8s} {'stderr':>7s} {'95% interval':>17s} "
+          f"{'random':>7s}  n")
     for task in task_list:
         if "metrics" not in results[task]:
             print(f"{task:14s} skipped: {results[task]['skipped']}")
@@ -784,9 +1218,22 @@ def main():
         for metric, m in results[task]["metrics"].items():
             interval = f"[{format_value(metric, m['ci95'][0])}, {format_value(metric, m['ci95'][1])}]"
             mark = "" if m["above_baseline_99"] else "  (not above random at 99%)"
-            print(f"{task:14s} {metric:9s} {format_value(metric, m['value']):>8s} "
+            print(f"{task:14s} {metric:11s} {format_value(metric, m['value']):>8s} "
                   f"{format_value(metric, m['stderr']):>7s} {interval:>17s} "
                   f"{format_value(metric, m['random_baseline']):>7s}  {m['n']}{mark}")
+    # --compare: both checkpoints on the same items, and the mean of the per-item differences
+    for task in task_list:
+        c = results[task].get("compare")
+        if not c:
+            continue
+        print(f"\n{task}: {ckpt_path} (this) vs {compare} (other) on the same {results[task]['n']} items")
+        print(f"{'metric':11s} {'this':>8s} {'other':>8s}  difference, this - other (± standard error)")
+        for metric, m in results[task]["metrics"].items():
+            key = "log_perplexity" if metric == "perplexity" else metric
+            d = c["differences"][key]
+            print(f"{metric:11s} {format_value(metric, m['value']):>8s} "
+                  f"{format_value(metric, c['metrics'][metric]['value']):>8s}  {format_difference(key, d)} "
+                  f"(better on {d['better']}, worse on {d['worse']})")
     print(f"\nresults: {result_path} ({time.time() - t_start:.1f}s)")
 
     if report:

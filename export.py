@@ -1,12 +1,13 @@
 """
-Export a checkpoint: for C inference (the model file and the tokenizer file that run.c reads), or for the
-Hugging Face ecosystem.
+Export a checkpoint: for C inference (the model file and the tokenizer file that run.c reads), for the
+Hugging Face ecosystem, or for NumPy (run_numpy.py runs it without torch).
 
     python export.py --ckpt=out/ckpt.pt                              # model.bin (fp32) + tokenizer.bin
     python export.py --ckpt=out/ckpt.pt --quantize=int8 --out=model_q8.bin
     python export.py --ckpt=out/ckpt.pt --legacy=True                # + llama2.c's own version-0 files
     python export.py --ckpt=out/sft/ckpt.pt --format=hf --out=out/hf # a folder transformers loads
     python export.py --ckpt=out/sft/ckpt.pt --format=safetensors --out=model.safetensors
+    python export.py --ckpt=out/sft/ckpt.pt --format=npz --out=model.npz   # python run_numpy.py model.npz
     python export.py --ckpt=hf:models/SmolLM2-135M-Instruct          # an imported model, for run.c
 
 LoRA checkpoints are merged into their base weights by model.load_checkpoint before export.
@@ -15,7 +16,10 @@ LoRA checkpoints are merged into their base weights by model.load_checkpoint bef
 model.safetensors (float32, Hugging Face's names and RoPE layout), tokenizer.json, tokenizer_config.json
 (with the chat template) and generation_config.json. --format=safetensors writes the weights under our own
 names with the model arguments and the tokenizer in the file's metadata: every stage reads it back as a
-checkpoint (--ckpt=model.safetensors, --init_from=model.safetensors).
+checkpoint (--ckpt=model.safetensors, --init_from=model.safetensors). --format=npz writes one NumPy .npz file
+(np.load reads it, no pickle): every weight as a float32 array under our names (model.state_dict()'s, the tied
+head left out as in safetensors), and string entries: format "nanollama", model_args (JSON of model.py's
+ModelArgs), tokenizer (the tokenizer file's JSON), tokenizer_sha256, data_format and iter_num.
 
 The model file (little-endian; every section starts at a multiple of 64 bytes, zero-padded):
 
@@ -70,7 +74,9 @@ from tokenizer import GPT4_SPLIT_PATTERN
 # -----------------------------------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), or hf:DIR
 format = "run"  # 'run' (run.c's files) | 'hf' (a Hugging Face model folder) | 'safetensors' (one weights file)
-out = ""  # the model file for run.c (default model.bin), the folder for hf (default hf_model), the .safetensors file
+#                 | 'npz' (one NumPy file, for run_numpy.py)
+out = ""  # the model file for run.c (default model.bin), the folder for hf (default hf_model), the
+#           .safetensors file (default model.safetensors), the .npz file (default model.npz)
 tokenizer_out = "tokenizer.bin"  # the tokenizer file for run.c ("" = do not write it)
 quantize = ""  # "" = float32 weights; "int8" = symmetric group-wise int8 (about 4x smaller and faster)
 group_size = 64  # int8: values per scale; halved until it divides dim and hidden_dim
@@ -321,6 +327,20 @@ def write_bare_safetensors(model, tokenizer, checkpoint, path):
     write_safetensors(state, path, metadata)
 
 
+def write_npz(model, tokenizer, checkpoint, path):
+    """Our weights as float32 arrays under our names, and the model arguments and tokenizer as strings (0-d
+    unicode arrays, which np.load reads without pickle), written atomically."""
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()
+              if not (name == "output.weight" and model.args.tie_embeddings)}  # a tied head is the embedding
+    metadata = {"format": "nanollama", "model_args": json.dumps(asdict(model.args)),
+                "tokenizer": tokenizer.to_json(), "tokenizer_sha256": tokenizer.sha256,
+                "data_format": checkpoint.get("data_format", "text"),
+                "iter_num": str(checkpoint.get("iter_num", 0))}
+    # weight names all have a dot, these none: they never clash
+    arrays.update({key: np.array(value) for key, value in metadata.items()})
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
 # ----------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -330,8 +350,9 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     if quantize not in ("", "fp32", "int8"):
         sys.exit(f"error: --quantize={quantize!r}: expected '' (float32) or 'int8'")
-    if format not in ("run", "hf", "safetensors"):
-        sys.exit(f"error: --format={format!r}: expected run (run.c's files), hf (a Hugging Face folder) or safetensors")
+    if format not in ("run", "hf", "safetensors", "npz"):
+        sys.exit(f"error: --format={format!r}: expected run (run.c's files), hf (a Hugging Face folder), "
+                 "safetensors or npz (NumPy, for run_numpy.py)")
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
@@ -349,6 +370,13 @@ if __name__ == "__main__":
         out = out or "model.safetensors"
         write_bare_safetensors(model, tokenizer, checkpoint, out)
         print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, float32, model arguments and tokenizer in its metadata")
+        sys.exit(0)
+    if format == "npz":
+        out = out or "model.npz"
+        write_npz(model, tokenizer, checkpoint, out)
+        mode = " -m chat" if checkpoint.get("data_format") == "chat" else ""
+        print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, float32, model arguments and tokenizer inside; "
+              f"run it without torch: python run_numpy.py {out}{mode} -i \"Hello\"")
         sys.exit(0)
     out = out or "model.bin"
     unsupported = ["attention biases (Qwen2)"] * args.attention_bias + ["Llama 3 RoPE scaling"] * bool(args.rope_scaling)

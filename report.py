@@ -11,7 +11,8 @@ It reads, in the run folder (see speedrun.sh):
     logs/*.log                              each command's output (tokenizer compression, ./run's tok/s and replies)
     base/, sft/                             train.py's log.jsonl, loss.png and checkpoints
     rl/                                     rl.py's log.jsonl and reward.png
-    eval/{base,sft,rl}.json                 eval.py's results: bpb, OpenBookQA, ARC-Easy, ARC-Challenge (val)
+    eval/{base,sft,rl}.json                 eval.py's results: bpb, OpenBookQA, ARC-Easy, ARC-Challenge (val),
+                                            and chat:NAME (held-out conversations of a chat source) if asked
     eval/{base,sft,rl}_arith.json           eval.py's results on the arithmetic test problems, asked as a chat
     export/                                 the fp32 and int8 model files and the tokenizer file for run.c
 A stage that did not run is reported as missing, never as an error: the report shows how far a run got.
@@ -168,11 +169,13 @@ def eval_scores(run):
             for task, task_result in result["tasks"].items():
                 if "metrics" not in task_result:
                     continue
-                # one row per task: acc_norm for a base model, acc (the letter it answers) for a chat model
+                # one row per task: acc_norm for a base model, acc (the letter it answers) for a chat model,
+                # ROUGE-L for the held-out answers of a chat source (chat:NAME)
                 metric = headline_metrics(task, result["mode"])[0]
                 m = task_result["metrics"][metric]
-                rows[task] = {"value": m["value"], "stderr": m["stderr"], "random_baseline": m["random_baseline"],
-                              "n": m.get("n"), "metric": metric}
+                row = f"{task} {metric}" if task.startswith("chat:") else task
+                rows[row] = {"value": m["value"], "stderr": m["stderr"], "n": m.get("n"), "metric": metric,
+                             "random_baseline": m["random_baseline"]}
             rows["_mode"] = result["mode"]
         arith = read_json(os.path.join(run, "eval", f"{name}_arith.json"))
         if arith and "metrics" in arith["tasks"].get("gsm8k", {}):
@@ -209,10 +212,40 @@ def paired_difference(run, before="sft", after="rl"):
     if len(ids) < 2:
         return None
     diffs = [int(b[i]) - int(a[i]) for i in ids]
-    d = mean(diffs)
-    variance = sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1)
+    d, stderr = mean_and_stderr(diffs)
     return {"before": before, "after": after, "n": len(ids), "difference": d,
-            "stderr": (variance / len(ids)) ** 0.5, "gained": diffs.count(1), "lost": diffs.count(-1)}
+            "stderr": stderr, "gained": diffs.count(1), "lost": diffs.count(-1)}
+
+
+def holdout_change(run, before="base", after="sft"):
+    """
+    The change in ROUGE-L on the conversations held out of a chat source (eval.py's chat:NAME tasks in
+    eval/{name}.json), paired per conversation as paired_difference pairs problems: {task: {n, difference,
+    stderr, better, worse}} for each task both results have.
+    """
+    def rouge(name):
+        result = read_json(os.path.join(run, "eval", f"{name}.json")) or {}
+        return {task: {item["id"]: item["rouge_l"] for item in r.get("items") or []}
+                for task, r in result.get("tasks", {}).items() if task.startswith("chat:")}
+
+    a, b = rouge(before), rouge(after)
+    changes = {}
+    for task in [t for t in a if t in b]:
+        ids = [i for i in a[task] if i in b[task]]
+        if len(ids) >= 2:
+            diffs = [b[task][i] - a[task][i] for i in ids]
+            d, stderr = mean_and_stderr(diffs)
+            changes[task] = {"before": before, "after": after, "n": len(ids), "difference": d,
+                             "stderr": stderr, "better": sum(x > 0 for x in diffs),
+                             "worse": sum(x < 0 for x in diffs)}
+    return changes
+
+
+def mean_and_stderr(values):
+    """Mean and its standard error (sample standard deviation / sqrt(n)) of at least two values."""
+    m = mean(values)
+    variance = sum((x - m) ** 2 for x in values) / (len(values) - 1)
+    return m, (variance / len(values)) ** 0.5
 
 
 def run_c_outputs(run):
@@ -395,10 +428,20 @@ def build_report(run):
             md += [f"RL's change in arithmetic accuracy, on the same {change['n']} problems: "
                    f"**{100 * change['difference']:+.1f} ± {100 * change['stderr']:.1f} points** (paired standard "
                    f"error; {change['gained']} problems newly right, {change['lost']} newly wrong).", ""]
+        for task, change in holdout_change(run).items():
+            figures.setdefault("holdout_change", {})[task] = change
+            md += [f"SFT's change in ROUGE-L on the conversations held out of {task[len('chat:'):]}, the "
+                   f"same {change['n']} answers: **{100 * change['difference']:+.1f} ± "
+                   f"{100 * change['stderr']:.1f} points** (paired standard error; {change['better']} "
+                   f"answers closer to the reference, {change['worse']} further).", ""]
         md += ["Validation splits (OpenBookQA dev, ARC dev); bpb on the TinyStories val subset; arithmetic on the "
                "held-out test problems of prepare/arithmetic.py, asked as a chat with the calculator (accuracy: the "
                "number after '####' is right; format: there is one). Multiple choice: a base model is scored by "
                "log-likelihood (acc_norm), a chat model by the letter it answers (acc).", ""]
+        if any(row.startswith("chat:") for n in names for row in scores[n]):
+            md += ["chat:NAME: the last answer of each conversation held out of that chat source (its "
+                   "val split), generated greedily and compared with the reference by ROUGE-L; exact match, "
+                   "token F1 and the perplexity of the references are in eval/*.json.", ""]
         if plot_checkpoint_scores(scores, os.path.join(run, "scores.png")):
             md += ["![scores per checkpoint](scores.png)", ""]
 

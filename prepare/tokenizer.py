@@ -154,8 +154,9 @@ def main():
     merges = Progress("merges", lambda done, seconds: f"{done:,}/{n_merges_asked:,} ({seconds:.1f}s)")
     # train_bpe reports the merges done so far; Progress counts what is added
     tokenizer = train_bpe(chunk_counts, vocab_size, progress=lambda done, _: merges.update(done - merges.done))
-    merges.close()
     n_merges = len(tokenizer.mergeable_ranks) - 256
+    merges.update(n_merges - merges.done)  # the merges made since train_bpe's last report
+    merges.close()
     print(f"trained {n_merges:,} merges in {time.time() - t0:.1f}s: vocab_size {tokenizer.vocab_size:,}")
     if tokenizer.vocab_size < vocab_size:
         print(f"note: the text has too few distinct pairs for {vocab_size:,} tokens; the vocabulary stopped "

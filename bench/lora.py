@@ -23,18 +23,18 @@ from configurator import configure  # noqa: E402
 from model import ModelArgs, Transformer, apply_lora, configure_optimizer  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
-dim = 512
-n_layers = 8
-n_heads = 8
-vocab_size = 4096
-batch_size = 8
-block_size = 256
+dim = 512  # model width
+n_layers = 8  # transformer blocks
+n_heads = 8  # attention heads
+vocab_size = 4096  # token ids (random tokens: the speed does not depend on them)
+batch_size = 8  # sequences per step
+block_size = 256  # tokens per sequence
 steps = 5  # timed steps (the median is reported)
 warmup = 2  # untimed steps first
 # what one worker process measures (the main process runs one worker per configuration)
 worker = False  # run one configuration and print its figures as JSON
 lora_rank = 0  # 0 = full fine-tuning
-lora_targets = "q,v"
+lora_targets = "q,v"  # the projections that get adapters, of q,k,v,o,gate,up,down
 # -----------------------------------------------------------------------------------------------------
 
 

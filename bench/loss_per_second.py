@@ -34,11 +34,11 @@ from tokenizer import count_chunks, train_bpe  # noqa: E402
 # -----------------------------------------------------------------------------------------------------
 budget_s = 90.0  # training seconds per recipe
 recipes = "gpt2,gpt2-lr3e-3,nanollama-zeroinit,nanollama"  # comma-separated (the default lists all of them)
-dim = 128
-n_layers = 4
-n_heads = 4
-block_size = 128
-batch_size = 16
+dim = 128  # model width (both models)
+n_layers = 4  # transformer blocks
+n_heads = 4  # attention heads
+block_size = 128  # tokens per sequence
+batch_size = 16  # sequences per step
 vocab_size = 2048  # of the BPE tokenizer trained on the train text
 seed = 0  # initialization and the order of the batches (the same for every recipe)
 plot = "loss_per_second.png"  # the curves; empty = no picture

@@ -27,14 +27,14 @@ from model import ModelArgs, Transformer, configure_optimizer, count_params, flo
 # -----------------------------------------------------------------------------------------------------
 shape_from = ""  # a train.py config file whose model and batch shape to measure; empty = nanoGPT's CPU shapes
 # shape (0 = from shape_from, or the first nanoGPT shape when only some are given)
-dim = 0
-n_layers = 0
-n_heads = 0
-n_kv_heads = 0
-block_size = 0
-batch_size = 0
-gradient_accumulation_steps = 0
-vocab_size = 0
+dim = 0  # model width
+n_layers = 0  # transformer blocks
+n_heads = 0  # attention heads
+n_kv_heads = 0  # key/value heads (grouped-query attention); the model's 0 means n_heads
+block_size = 0  # tokens per sequence
+batch_size = 0  # sequences per micro-step
+gradient_accumulation_steps = 0  # micro-steps per optimizer step
+vocab_size = 0  # token ids (random tokens)
 # how
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | ...
 dtype = "auto"  # float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)

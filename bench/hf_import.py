@@ -81,7 +81,7 @@ def main():
         print(f"max |logit difference| vs transformers on {len(ids)} real tokens: {diff:.2e}")
         print(f"forward of 1 x {len(ids)} tokens: ours {ours_s * 1e3:.0f} ms, transformers {theirs_s * 1e3:.0f} ms")
 
-        batch = torch.randint(0, 2048, (batch, seq + 1))
+        training_tokens = torch.randint(0, 2048, (batch, seq + 1))
         for name, lora in (("full fine-tune", False), ("LoRA r8 q,v", True)):
             m, _, _ = load_checkpoint(f"hf:{folder}")
             m.train()
@@ -90,7 +90,7 @@ def main():
             optimizer = configure_optimizer(m, 0.0, 1e-4, (0.9, 0.95), "cpu")
 
             def step():
-                _, loss = m(batch[:, :-1], batch[:, 1:])
+                _, loss = m(training_tokens[:, :-1], training_tokens[:, 1:])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

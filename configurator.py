@@ -14,7 +14,12 @@ and read earlier ones) or JSON files (an object of settings). Then each --key=va
 ('--key value' works too, and a bare '--flag' sets a boolean to True). A misspelled key is an error that
 names the nearest valid key; a value of the wrong type names the expected type. Booleans accept True/False.
 A script whose positional arguments are inputs rather than config files (prepare/chat.py alpaca) names the
-setting they fill: configure(globals(), positional="source").
+setting they fill: configure(globals(), positional="dataset"). The inputs, and any --dataset values, are joined
+with ',' in the order given (prepare/tokenizer.py a.txt b.txt and --source a.txt b.txt both give 'a.txt,b.txt');
+a Python file among them is still a config file (give a .py input as --source=FILE).
+
+Settings are the script's lowercase globals holding plain values (int, float, bool, str, None); ALL_CAPS names
+are constants, not settings.
 
 On the real command line an error is one 'error: ...' line and exit status 1, never a traceback; called with
 an argv list (as the tests do), configure raises ConfigError instead.
@@ -35,9 +40,9 @@ class ConfigError(ValueError):
 
 
 def config_keys(namespace):
-    """The settings of a script: its public globals holding plain values."""
-    return [k for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not isinstance(v, type)]
+    """The settings of a script: its public globals holding plain values (ALL_CAPS constants excluded)."""
+    return [k for k, v in namespace.items() if not k.startswith("_") and not k.isupper()
+            and isinstance(v, CONFIG_TYPES) and not isinstance(v, type)]
 
 
 def unknown_key_error(key, valid, where):
@@ -149,23 +154,36 @@ def apply_arguments(namespace, argv, verbose, positional):
     defaults = {k: namespace[k] for k in keys}
     argv = equals_form(argv, defaults)
     settings = dict(defaults)
-    inputs = [arg for arg in argv if not arg.startswith("--")]
+    config_files = [arg for arg in argv if not arg.startswith("--")]
+    inputs = []
     if positional is not None:
-        # this script's positional arguments are its inputs (prepare/chat.py alpaca), not config files
-        if inputs:
-            settings[positional] = ",".join(inputs)
-        inputs = []
-    for path in inputs:
+        # this script's positional arguments are its inputs (prepare/chat.py alpaca), joined in order with the
+        # values of --<positional> (so that --source a.txt b.txt means both files); .py files stay config files
+        config_files = [arg for arg in config_files if arg.endswith(".py")]
+        for arg in argv:
+            if arg.startswith(f"--{positional}="):
+                inputs.append(arg.split("=", 1)[1])
+            elif not arg.startswith("--") and not arg.endswith(".py"):
+                inputs.append(arg)
+    for path in config_files:
         for key, value in read_config_file(path, settings).items():
             if key not in defaults:
-                raise unknown_key_error(key, keys, path)
+                hint = f" (a .py argument is a config file; give a .py input as --{positional}=FILE)" \
+                    if positional else ""
+                raise ConfigError(f"{unknown_key_error(key, keys, path)}{hint}")
             settings[key] = check_type(key, value, defaults[key], path)
         if verbose:
             print(f"config: read {path}", file=sys.stderr)
+    if any(inputs):
+        settings[positional] = ",".join(i for i in inputs if i)
+        if verbose:
+            print(f"config: {positional} = {settings[positional]!r}", file=sys.stderr)
     for arg in argv:
         if not arg.startswith("--"):
             continue
         key, raw = arg[2:].split("=", 1)
+        if key == positional:
+            continue  # joined with the positional inputs above
         if key not in defaults:
             raise unknown_key_error(key, keys, f"option {arg!r}")
         value = parse_override_value(raw, defaults[key])
@@ -189,8 +207,8 @@ def settings_help(namespace, positional=None):
     keys = set(config_keys(namespace))
     doc = (namespace.get("__doc__") or "").strip()
     name = os.path.relpath(script) if script else "script.py"
-    usage = f"usage: python {name} [{positional.upper()} ...] [--key=value ...]" if positional else \
-        f"usage: python {name} [config.py|config.json ...] [--key=value ...]"
+    usage = f"usage: python {name} [{positional.upper()} ...] [config.py ...] [--key=value ...]" if positional \
+        else f"usage: python {name} [config.py|config.json ...] [--key=value ...]"
     lines = [usage, ""] + ([doc, ""] if doc else []) + ["settings (--key=value or --key value; default, then meaning):"]
     try:
         with open(script, encoding="utf-8") as f:
@@ -223,7 +241,8 @@ def settings_help(namespace, positional=None):
     for key in sorted(keys - shown):  # settings set in code without a header line of their own
         lines.append(f"  --{key}={namespace[key]!r}")
     if positional:
-        lines.append(f"positional arguments fill --{positional} (several are joined with ',')")
+        lines.append(f"positional arguments fill --{positional} (several are joined with ','); "
+                     "a .py argument is a config file")
     return "\n".join(lines)
 
 

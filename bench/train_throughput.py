@@ -3,28 +3,46 @@ Training throughput: tokens/s, ms/iter and MFU of one optimizer step (forward, b
 next to the nanoGPT-style GPT-2 of bench/gpt2_reference.py at the same shape.
 
     python bench/train_throughput.py                                  # the two nanoGPT CPU shapes
-    python bench/train_throughput.py config/pretrain_tinystories.py   # the shape of a config file
+    python bench/train_throughput.py --shape_from=config/pretrain_tinystories.py   # the shape of a train config
     python bench/train_throughput.py --dim=512 --n_layers=8 --n_heads=8 --block_size=512 --batch_size=16 --compile
 
-MFU is taken against the peak of this machine: the measured fp32 matmul FLOP/s on CPU (model.peak_flops), the
+MFU is taken against the peak of this machine: the measured fp32 matmul FLOP/s on CPU (common.peak_flops), the
 GPU's bf16 peak on CUDA. Random tokens: data loading is not part of the figure (train.py's costs well under 1%).
 """
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules first
+from common import fail, peak_flops, setup_device  # noqa: E402
+from configurator import ConfigError, configure, read_config_file  # noqa: E402
 from gpt2_reference import GPT2, gpt2_flops_per_token, gpt2_optimizer  # noqa: E402
-from common import peak_flops  # noqa: E402
 from model import ModelArgs, Transformer, configure_optimizer, count_params, flops_per_token  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+shape_from = ""  # a train.py config file whose model and batch shape to measure; empty = nanoGPT's CPU shapes
+# shape (0 = from shape_from, or the first nanoGPT shape when only some are given)
+dim = 0  # model width
+n_layers = 0  # transformer blocks
+n_heads = 0  # attention heads
+n_kv_heads = 0  # key/value heads (grouped-query attention); the model's 0 means n_heads
+block_size = 0  # tokens per sequence
+batch_size = 0  # sequences per micro-step
+gradient_accumulation_steps = 0  # micro-steps per optimizer step
+vocab_size = 0  # token ids (random tokens)
+# how
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | ...
+dtype = "auto"  # float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)
+compile = False  # torch.compile both models
+steps = 10  # timed optimizer steps (the median is reported)
+warmup = 3  # untimed steps first
+no_reference = False  # skip the GPT-2 baseline
+# -----------------------------------------------------------------------------------------------------
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "batch_size", "gradient_accumulation_steps")
 # nanoGPT's CPU shapes from the issue: char-level Shakespeare (vocab 65)
@@ -34,10 +52,11 @@ DEFAULT_SHAPES = [dict(dim=384, n_layers=6, n_heads=6, block_size=256, batch_siz
 
 def shape_from_config(path, overrides):
     """The model and batch settings of a train.py config file (other keys are ignored here)."""
-    scope = {}
-    with open(path, encoding="utf-8") as f:
-        exec(compile(f.read(), path, "exec"), scope)
-    shape = {k: scope[k] for k in SHAPE_KEYS if k in scope}
+    try:
+        values = read_config_file(path, {})
+    except ConfigError as e:
+        fail(str(e))
+    shape = {k: values[k] for k in SHAPE_KEYS if k in values}
     shape.setdefault("vocab_size", 4096)
     return {**shape, **overrides}
 
@@ -66,33 +85,19 @@ def time_steps(model, optimizer, shape, device, autocast, steps, warmup):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="a train.py config file whose shape to measure")
-    for key in SHAPE_KEYS + ("vocab_size",):
-        parser.add_argument(f"--{key}", type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no_reference", action="store_true", help="skip the GPT-2 baseline")
-    args = parser.parse_args()
-
-    overrides = {k: getattr(args, k) for k in SHAPE_KEYS + ("vocab_size",) if getattr(args, k) is not None}
-    if args.config:
-        shapes = [shape_from_config(args.config, overrides)]
-    elif overrides:
-        shapes = [{**DEFAULT_SHAPES[0], **overrides}]
+    given = {key: globals()[key] for key in SHAPE_KEYS + ("vocab_size",) if globals()[key] > 0}
+    if shape_from:
+        shapes = [shape_from_config(shape_from, given)]
+    elif given:
+        shapes = [{**DEFAULT_SHAPES[0], **given}]
     else:
         shapes = DEFAULT_SHAPES
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(args.device.split(":")[0],
-                                                                        dtype=getattr(torch, dtype))
-    peak = peak_flops(args.device)
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+    device_name, device_type, dtype_name, autocast = setup_device(device, dtype)
+    peak = peak_flops(device_name)
+    machine = torch.cuda.get_device_name() if device_type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"{machine}; torch {torch.__version__}; {dtype}; compile={args.compile}; "
-          f"peak {peak / 1e12:.3f} TFLOP/s ({'measured matmul' if args.device == 'cpu' else 'bf16 spec'})")
+    print(f"{machine}; torch {torch.__version__}; {dtype_name}; compile={compile}; "
+          f"peak {peak / 1e12:.3f} TFLOP/s ({'measured matmul' if device_type == 'cpu' else 'bf16 spec'})")
     print(f"{'model':<10} {'shape':<46} {'params':>8} {'ms/iter':>8} {'tokens/s':>10} {'MFU':>6}")
     for shape in shapes:
         shape = {"n_kv_heads": 0, "gradient_accumulation_steps": 1, **shape}
@@ -103,18 +108,18 @@ def main():
         model_args = ModelArgs(dim=shape["dim"], n_layers=shape["n_layers"], n_heads=shape["n_heads"],
                                n_kv_heads=shape["n_kv_heads"], vocab_size=shape["vocab_size"],
                                max_seq_len=shape["block_size"])
-        ours = Transformer(model_args).to(args.device)
-        candidates = [("nanollama", ours, configure_optimizer(ours, 0.1, 1e-3, (0.9, 0.95), args.device.split(":")[0]),
+        ours = Transformer(model_args).to(device_name)
+        candidates = [("nanollama", ours, configure_optimizer(ours, 0.1, 1e-3, (0.9, 0.95), device_type),
                        flops_per_token(model_args, shape["block_size"]))]
-        if not args.no_reference:
+        if not no_reference:
             reference = GPT2(shape["vocab_size"], shape["block_size"], shape["dim"], shape["n_layers"],
-                             shape["n_heads"]).to(args.device)
+                             shape["n_heads"]).to(device_name)
             candidates.append(("gpt2-ref", reference, gpt2_optimizer(reference, 1e-3),
                                gpt2_flops_per_token(shape["vocab_size"], shape["dim"], shape["n_layers"],
                                                     shape["block_size"])))
         for name, model, optimizer, flops in candidates:
-            step_model = torch.compile(model) if args.compile else model
-            seconds = time_steps(step_model, optimizer, shape, args.device, autocast, args.steps, args.warmup)
+            step_model = torch.compile(model) if compile else model
+            seconds = time_steps(step_model, optimizer, shape, device_name, autocast, steps, warmup)
             tokens_per_sec = tokens_per_step / seconds
             params = count_params(model) if name == "nanollama" else sum(p.numel() for p in model.parameters())
             print(f"{name:<10} {description:<46} {params / 1e6:>7.2f}M {seconds * 1000:>8.0f} "
@@ -122,4 +127,5 @@ def main():
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -2,8 +2,8 @@
 A synthetic arithmetic task sized for a CPU: seeded word problems with small numbers and checkable answers.
 
     python prepare/arithmetic.py                                  # 20,000 train / 500 val / 1,000 test problems
-    python prepare/arithmetic.py --tokenizer out/base/tokenizer.json   # the tokenizer of a model you will fine-tune
-    python prepare/arithmetic.py --n_train 5000 --seed 7 --out data/arith
+    python prepare/arithmetic.py --tokenizer=data/tokenizer.json  # the tokenizer of a model you will fine-tune
+    python prepare/arithmetic.py --n_train=5000 --seed=7 --out=data/arith
 
 Writes data/arith/:
     train.jsonl, val.jsonl, test.jsonl    the problems, GSM8K-style {"id", "question", "answer", "solution"}
@@ -25,15 +25,27 @@ Without --tokenizer, a small BPE tokenizer (--vocab_size) is trained on the gene
 which is what a from-scratch demo needs. The test problems never repeat a train or val question.
 """
 
-import argparse
 import json
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
 from data import TokenWriter, write_meta  # noqa: E402
-from tokenizer import Tokenizer, count_chunks, train_bpe  # noqa: E402
+from prepare.common import load_tokenizer  # noqa: E402
+from tokenizer import count_chunks, train_bpe  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+out = "data/arith"  # output folder
+n_train = 20000  # train problems (SFT conversations, and rl.py's prompts)
+n_val = 500  # val problems (SFT's validation loss)
+n_test = 1000  # test problems, never in train or val (rl.py's and eval.py's accuracy)
+seed = 1337  # the problems drawn
+tokenizer = ""  # a tokenizer file (or 'bytes'); empty = train a small one on the train problems
+vocab_size = 512  # vocabulary of the tokenizer trained here
+# -----------------------------------------------------------------------------------------------------
 
 NAMES = [("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "She"), ("Max", "He"),
          ("Lily", "She"), ("Ben", "He"), ("Emma", "She"), ("Noah", "He"), ("Ruby", "She"), ("Omar", "He"),
@@ -143,58 +155,47 @@ def conversation(record):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/arith", help="output folder")
-    parser.add_argument("--n_train", type=int, default=20000)
-    parser.add_argument("--n_val", type=int, default=500)
-    parser.add_argument("--n_test", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--tokenizer", default="", help="a tokenizer file (or 'bytes'); default: train one here")
-    parser.add_argument("--vocab_size", type=int, default=512, help="vocabulary of the tokenizer trained here")
-    args = parser.parse_args()
-    if min(args.n_train, args.n_val, args.n_test) < 1:
-        sys.exit("error: --n_train, --n_val and --n_test must be at least 1")
+    if min(n_train, n_val, n_test) < 1:
+        fail(f"--n_train={n_train}, --n_val={n_val}, --n_test={n_test}: each must be at least 1")
 
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     seen = set()
     splits = {}
-    for split, count in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test)):
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
         splits[split] = generate_problems(count, rng, seen)
         for i, record in enumerate(splits[split]):
             record["id"] = f"arith/{split}/{i}"
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
 
-    if args.tokenizer:
-        try:
-            tokenizer = Tokenizer.from_file(args.tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
     else:
         texts = [r["question"] + "\n" + r["solution"] for r in splits["train"]]
-        tokenizer = train_bpe(count_chunks(texts), args.vocab_size, name="arith")
-        print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer on the train problems")
+        tok = train_bpe(count_chunks(texts), vocab_size, name="arith")
+        print(f"trained a {tok.vocab_size}-token BPE tokenizer on the train problems")
 
     for split, records in splits.items():
-        path = os.path.join(args.out, f"{split}.jsonl")
+        path = os.path.join(out, f"{split}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({k: r[k] for k in ("id", "question", "answer", "solution")}) + "\n")
         print(f"{split:5s} {len(records):6d} problems -> {path}")
     counts = {}
     for split in ("train", "val"):  # the SFT conversations; test stays held out for rl.py's accuracy
-        writer = TokenWriter(args.out, split, tokenizer.vocab_size, with_mask=True)
+        writer = TokenWriter(out, split, tok.vocab_size, with_mask=True)
         for record in splits[split]:
             messages = conversation(record)
-            ids, mask = tokenizer.render_conversation(messages)
+            ids, mask = tok.render_conversation(messages)
             n_bytes = len(record["question"].encode("utf-8")) + sum(len(p["text"]) for p in messages[1]["content"])
             writer.add(ids, n_bytes, mask)
         counts[split] = writer.close()
         print(f"{split:5s} {counts[split]['tokens']:,} tokens of SFT conversations -> {writer.path}")
-    write_meta(args.out, tokenizer, counts, source=f"prepare/arithmetic.py --seed {args.seed}", fmt="chat")
+    write_meta(out, tok, counts, source=f"prepare/arithmetic.py --seed {seed}", fmt="chat")
     example = conversation(splits["train"][0])
     print("example:", example[0]["content"], "->",
           " ".join(p["text"] if p["type"] != "python_output" else f"[{p['text']}]" for p in example[1]["content"]))
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -2,15 +2,15 @@
 Conversations -> chat token files: data/<name>/{train,val}.bin + {train,val}.mask.bin + meta.json ("format": "chat").
 
     python prepare/chat.py alpaca                         # Stanford Alpaca, 52K instructions (download)
-    python prepare/chat.py alpaca --source ../shared/data/alpaca/alpaca_data_1k.json
+    python prepare/chat.py alpaca --source=../shared/data/alpaca/alpaca_data_1k.json
     python prepare/chat.py alpaca_cleaned                 # the cleaned Alpaca (yahma/gururise)
     python prepare/chat.py lima                           # LIMA, 1K curated conversations
     python prepare/chat.py dolly                          # Databricks Dolly-15k
     python prepare/chat.py smoltalk                       # SmolTalk (parquet: needs `pip install pyarrow`)
-    python prepare/chat.py identity --model_name nanollama --creator "Ada"   # who the model is (prepare/identity.jsonl)
-    python prepare/chat.py mc --source ../shared/data     # ARC-Easy, ARC-Challenge, OpenBookQA as multiple-choice chat
-    python prepare/chat.py gsm8k --source ../shared/data  # GSM8K with calculator tool calls
-    python prepare/chat.py my_chats.jsonl --name mine     # your own file (format detected, or --format)
+    python prepare/chat.py identity --model_name=nanollama --creator="Ada"   # who it is (prepare/identity.jsonl)
+    python prepare/chat.py mc --source=../shared/data     # ARC-Easy, ARC-Challenge, OpenBookQA: multiple choice
+    python prepare/chat.py gsm8k --source=../shared/data  # GSM8K with calculator tool calls
+    python prepare/chat.py my_chats.jsonl --name=mine     # your own file (format detected, or --format)
 
 Your own files may hold, one conversation a record:
   messages  JSONL {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]} (or a bare list;
@@ -24,16 +24,39 @@ with --seed. A malformed record is an error naming file:line and what was expect
 counts such records instead. Each source is its own folder; train.py mixes them: --data=alpaca,mc,gsm8k,identity:4
 """
 
-import argparse
 import json
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import (add_common_args, download, fail, load_tokenizer, output_dir,  # noqa: E402
-                            read_json_records, split_train_val, write_chat_splits)
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
+from prepare.common import (download, load_tokenizer, output_dir, read_json_records,  # noqa: E402
+                            split_train_val, write_chat_splits)
+from prepare.tasks import load_task  # noqa: E402
 from tokenizer import check_conversation  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+dataset = ""  # alpaca, alpaca_cleaned, lima, dolly, smoltalk, mc, gsm8k, identity, or a file of conversations
+#               (the first argument: python prepare/chat.py alpaca)
+source = ""  # a local copy (a file, or a folder holding the files) or a mirror URL; empty = download.
+#              identity: another identity file; mc and gsm8k: a folder laid out like ../shared/data
+name = ""  # output folder name under data_dir; empty = the dataset's name (a file's name without its suffix)
+format = "auto"  # your own files: auto, json, chatml, qa or parquet
+val_fraction = 0.05  # held out for val where the source has no val split
+val_count = 0  # hold out exactly this many conversations instead; 0 = use val_fraction
+seed = 1337  # which conversations are held out
+skip_bad = False  # skip (and count) malformed records instead of stopping at the first
+max_conversations = 0  # use at most this many train conversations (the first ones); 0 = all
+tasks = "arc_easy,arc_challenge,openbookqa"  # mc: the multiple-choice tasks (also mmlu, hellaswag)
+model_name = "nanollama"  # identity: the model's name
+creator = "a person who trained it with nanollama"  # identity: who made it
+tokenizer = "data/tokenizer.json"  # tokenizer file from prepare/tokenizer.py, or 'gpt2', 'bytes' or 'hf:DIR'
+data_dir = "data"  # folder of the prepared sources
+out = ""  # output folder; empty = <data_dir>/<name>
+num_proc = max(1, min(8, os.cpu_count() or 1))  # processes that render conversations (the CPU count, at most 8)
+# -----------------------------------------------------------------------------------------------------
 
 REPO_PREPARE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,7 +78,6 @@ SOURCES = {
                            "val": ["test.jsonl", "smoltalk_test.jsonl", "test-00000-of-00001.parquet"]}},
 }
 TASK_SOURCES = ("mc", "gsm8k")
-MC_TASKS = "arc_easy,arc_challenge,openbookqa"
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
               "model": "assistant", "system": "system"}
 
@@ -252,7 +274,7 @@ def detect_format(path):
 
 def parquet_records(path):
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # here, not at the top: optional, only SmolTalk's parquet files need it
     except ImportError:
         fail(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or pass --source with a JSONL copy")
     table = pq.read_table(path)
@@ -295,7 +317,7 @@ def read_conversations(path, fmt="auto", skip_bad=False, counts=None):
 def source_file(name, split, source):
     """The file of a named source's split: the official download, or from --source (a file or a folder)."""
     spec = SOURCES[name]
-    if source is None:
+    if not source:
         url = spec["url"][split] if isinstance(spec["url"], dict) else (spec["url"] if split == "train" else None)
         return download(url, spec.get("sha256")) if url else None
     if os.path.isdir(source):
@@ -310,7 +332,6 @@ def source_file(name, split, source):
 
 def task_conversations(name, source, tasks):
     """{split: conversations} of the multiple-choice tasks (mc) or GSM8K, from prepare/tasks.py's loaders."""
-    from prepare.tasks import load_task
     splits = {"train": [], "val": []}
     if name == "gsm8k":
         splits["train"] = [gsm8k_messages(r) for r in load_task("gsm8k", "train", source)]
@@ -332,58 +353,50 @@ def task_conversations(name, source, tasks):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help=f"{', '.join(list(SOURCES) + list(TASK_SOURCES))}, identity, or a file of conversations")
-    parser.add_argument("--name", default=None, help="output folder name under --data_dir (default: the source's name)")
-    parser.add_argument("--format", default="auto", help="for your own files: auto, json, chatml, qa (default auto)")
-    parser.add_argument("--val_fraction", type=float, default=0.05, help="held out for val where the source has no val split")
-    parser.add_argument("--val_count", type=int, default=None, help="hold out exactly this many conversations instead")
-    parser.add_argument("--seed", type=int, default=1337, help="which conversations are held out")
-    parser.add_argument("--skip_bad", action="store_true", help="skip (and count) malformed records instead of stopping")
-    parser.add_argument("--max_conversations", type=int, default=None, help="use at most this many train conversations")
-    parser.add_argument("--tasks", default=MC_TASKS, help=f"mc: the multiple-choice tasks (default {MC_TASKS}; also mmlu, hellaswag)")
-    parser.add_argument("--model_name", default="nanollama", help="identity: the model's name")
-    parser.add_argument("--creator", default="a person who trained it with nanollama", help="identity: who made it")
-    args, _ = parser.parse_known_args()
-    is_file = args.input not in SOURCES and args.input not in TASK_SOURCES and args.input != "identity"
-    name = args.name or (os.path.splitext(os.path.basename(args.input))[0] if is_file else args.input)
-    add_common_args(parser, name)
-    args = parser.parse_args()
-    tokenizer = load_tokenizer(args.tokenizer)
+    named = list(SOURCES) + list(TASK_SOURCES) + ["identity"]
+    if not dataset:
+        fail(f"which conversations? e.g. python prepare/chat.py alpaca (one of {', '.join(named)}, or a file)")
+    if "," in dataset:
+        fail(f"{dataset!r}: one dataset at a time (each is its own folder; train.py --data=a,b mixes them)")
+    is_file = dataset not in named
+    source_name = name or (os.path.splitext(os.path.basename(dataset))[0] if is_file else dataset)
+    tok = load_tokenizer(tokenizer)
 
     counts = {}
     try:
-        if args.input in TASK_SOURCES:
-            splits = task_conversations(args.input, args.source, args.tasks)
-        elif args.input == "identity":
-            path = args.source or os.path.join(REPO_PREPARE, "identity.jsonl")
+        if dataset in TASK_SOURCES:
+            splits = task_conversations(dataset, source, tasks)
+        elif dataset == "identity":
+            path = source or os.path.join(REPO_PREPARE, "identity.jsonl")
             splits = {"train": []}
-            for where, messages in identity_conversations(path, args.model_name, args.creator):
+            for where, messages in identity_conversations(path, model_name, creator):
                 try:
                     check_conversation(messages)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
                 splits["train"].append(messages)
-        elif args.input in SOURCES:
+        elif dataset in SOURCES:
             splits = {}
             for split in ("train", "val"):
-                path = source_file(args.input, split, args.source)
+                path = source_file(dataset, split, source)
                 if path:
-                    splits[split] = read_conversations(path, "auto", args.skip_bad, counts)
+                    splits[split] = read_conversations(path, "auto", skip_bad, counts)
         else:
-            if not os.path.exists(args.input):
-                fail(f"{args.input}: no such file, and not one of {', '.join(list(SOURCES) + list(TASK_SOURCES))}, identity")
-            splits = {"train": read_conversations(args.input, args.format, args.skip_bad, counts)}
+            if not os.path.exists(dataset):
+                fail(f"{dataset}: no such file, and not one of {', '.join(named)}")
+            splits = {"train": read_conversations(dataset, format, skip_bad, counts)}
         if "val" not in splits:
-            splits["train"], splits["val"] = split_train_val(splits["train"], args.val_fraction, args.val_count, args.seed)
+            splits["train"], splits["val"] = split_train_val(splits["train"], val_fraction, val_count, seed)
     except (OSError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
-    if args.max_conversations:
-        splits["train"] = splits["train"][:args.max_conversations]
+    if max_conversations:
+        splits["train"] = splits["train"][:max_conversations]
     if counts.get("bad"):
         print(f"skipped {counts['bad']:,} malformed records (--skip_bad)")
-    write_chat_splits(output_dir(args, name), tokenizer, splits, source=name, num_proc=args.num_proc)
+    write_chat_splits(output_dir(out, data_dir, source_name), tok, splits, source=source_name,
+                      num_proc=num_proc)
 
 
 if __name__ == "__main__":
+    configure(globals(), positional="dataset")
     main()

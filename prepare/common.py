@@ -1,15 +1,22 @@
 """
-What every prepare/ script shares: downloads, flags, the tokenizer, reading records and documents, and tokenizing
-on several processes into the token files of data.py.
+What every prepare/ script shares: downloads, the tokenizer, reading records and documents, and tokenizing on
+several processes into the token files of data.py. The settings every script has (source, tokenizer, data_dir,
+out, num_proc) are declared in each script's own header, so that its --help lists them.
 """
 
+import collections
 import json
+import multiprocessing
 import os
+import random
+import re
+import urllib.request
 
 import numpy as np
 
-from common import file_sha256
+from common import Progress, fail, file_sha256, progress_bar
 from data import TokenWriter, write_meta
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -20,25 +27,12 @@ def default_cache_dir():
     return os.environ.get("NANOLLAMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanollama"))
 
 
-def progress_bar(done, total, prefix="", width=30):
-    """One line, redrawn in place: prefix [=====     ] 45% 12.3/27.0 MB."""
-    import sys
-    if total:
-        filled = int(width * done / total)
-        line = f"\r{prefix} [{'=' * filled}{' ' * (width - filled)}] {done / total:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB"
-    else:
-        line = f"\r{prefix} {done / 1e6:.1f} MB"
-    sys.stderr.write(line)
-    sys.stderr.flush()
-
-
 def download(url, sha256=None, cache_dir=None, filename=None):
     """
     Fetch url into the cache and return the local path. An interrupted download resumes from its .part file
     (HTTP Range); a finished one is checked against sha256 when given; a file already cached is reused.
     A url that is a local path is returned as it is (after the checksum check).
     """
-    import urllib.request
     if os.path.exists(url):
         if sha256 and file_sha256(url) != sha256:
             raise ValueError(f"{url}: sha256 does not match the expected {sha256}")
@@ -51,31 +45,34 @@ def download(url, sha256=None, cache_dir=None, filename=None):
             return path
         os.remove(path)  # a corrupt cached copy: fetch it again
     part = path + ".part"
-    done = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    resumed = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={resumed}-"} if resumed else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            if done and response.status != 206:  # the server ignored Range: start over
-                done = 0
-            total = int(response.headers.get("Content-Length", 0)) + done
-            with open(part, "ab" if done else "wb") as f:
-                while True:
-                    block = response.read(1 << 20)
-                    if not block:
-                        break
+            if resumed and response.status != 206:  # the server ignored Range: start over
+                resumed = 0
+            total = int(response.headers.get("Content-Length", 0)) + resumed
+            progress = Progress(os.path.basename(path), lambda n, seconds: download_line(resumed + n, total))
+            with open(part, "ab" if resumed else "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
                     f.write(block)
-                    done += len(block)
-                    progress_bar(done, total, prefix=os.path.basename(path))
+                    progress.update(len(block))
+            progress.close()
     except OSError as e:
         raise OSError(f"download of {url} failed ({e}); run again to resume, or pass --source with a local copy "
                       "or a mirror") from None
-    import sys
-    sys.stderr.write("\n")
     if sha256 and file_sha256(part) != sha256:
         os.remove(part)
         raise ValueError(f"{url}: downloaded file's sha256 does not match the expected {sha256}; removed it")
     os.replace(part, path)
     return path
+
+
+def download_line(done_bytes, total_bytes):
+    """[=========               ]  32% 12.3/38.0 MB (or just the MB when the server sends no length)"""
+    if not total_bytes:
+        return f"{done_bytes / 1e6:.1f} MB"
+    return f"{progress_bar(done_bytes, total_bytes)} {done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB"
 
 
 def resolve_source(source, candidates, url, sha256=None):
@@ -95,40 +92,18 @@ def resolve_source(source, candidates, url, sha256=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# what every prepare/ script does: flags, the tokenizer, reading records, tokenizing on several processes
+# what every prepare/ script does: the output folder, the tokenizer, reading records, tokenizing in parallel
 
 
-def fail(message):
-    """A user error: print it and exit 1, no traceback."""
-    import sys
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(1)
-
-
-def add_common_args(parser, name):
-    """The flags every prepare/ script shares; --out defaults to <data_dir>/<name>."""
-    parser.add_argument("--source", default=None,
-                        help="a local copy (file or folder) or a mirror URL instead of the official download")
-    parser.add_argument("--tokenizer", default="data/tokenizer.json",
-                        help="tokenizer file from prepare/tokenizer.py, or 'gpt2' or 'bytes' (default data/tokenizer.json)")
-    parser.add_argument("--data_dir", default="data", help="folder of the prepared sources (default data)")
-    parser.add_argument("--out", default=None, help=f"output folder (default <data_dir>/{name})")
-    parser.add_argument("--num_proc", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                        help="processes that tokenize (default: the CPU count, at most 8)")
-    return parser
-
-
-def output_dir(args, name):
-    out = args.out or os.path.join(args.data_dir, name)
-    os.makedirs(out, exist_ok=True)
-    return out
+def output_dir(out, data_dir, name):
+    """The folder to write: out, or <data_dir>/<name> when out is empty (created)."""
+    folder = out or os.path.join(data_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def load_tokenizer(path):
     """The tokenizer of --tokenizer, or a clear error (exit 1) when it is missing or not a tokenizer file."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tokenizer import Tokenizer
     try:
         return Tokenizer.from_file(path)
     except (FileNotFoundError, ValueError) as e:
@@ -173,10 +148,12 @@ def read_json_records(path, skip_bad=False, counts=None):
 
 
 def split_train_val(items, val_fraction=None, val_count=None, seed=1337):
-    """(train, val): a seeded random choice of val_count (or val_fraction of the) items for val, order kept."""
-    import random
+    """
+    (train, val): a seeded random choice of val_count (when > 0, else val_fraction of the) items for val, order
+    kept.
+    """
     n = len(items)
-    n_val = val_count if val_count is not None else int(round(n * (val_fraction or 0.0)))
+    n_val = val_count if val_count else int(round(n * (val_fraction or 0.0)))
     if n_val <= 0 or n_val >= n:
         raise ValueError(f"{n} records: cannot hold out {n_val} for validation (need 0 < val < {n})")
     val_indices = set(random.Random(seed).sample(range(n), n_val))
@@ -194,9 +171,6 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_json, tokenizer_name):
     global _worker_tokenizer
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tokenizer import Tokenizer
     _worker_tokenizer = Tokenizer.from_file(tokenizer_name) if tokenizer_name in ("gpt2", "bytes") \
         else Tokenizer.from_json(tokenizer_json)
 
@@ -240,8 +214,6 @@ def batched(items, batch_size, max_chars=1 << 20):
 
 def parallel_map(function, batches, tokenizer, num_proc):
     """function over batches in num_proc worker processes, results in order, with bounded memory."""
-    import collections
-    import multiprocessing
     tokenizer_name = tokenizer.name if tokenizer.name in ("gpt2", "bytes") else None
     if num_proc <= 1:
         _init_worker(tokenizer.to_json() if tokenizer_name is None else None, tokenizer_name)
@@ -260,34 +232,11 @@ def parallel_map(function, batches, tokenizer, num_proc):
             yield pending.popleft().get()
 
 
-class Progress:
-    """A one-line progress report on stderr, redrawn at most a few times a second."""
-
-    def __init__(self, prefix, total_bytes=None):
-        import time
-        self.prefix, self.total, self.done = prefix, total_bytes, 0
-        self.start = self.last = time.time()
-        self.shown = False
-
-    def update(self, n_bytes, tokens=None):
-        import sys
-        import time
-        self.done += n_bytes
-        now = time.time()
-        if now - self.last < 0.5:
-            return
-        self.last, self.shown = now, True
-        rate = self.done / max(now - self.start, 1e-9) / 1e6
-        share = f" {self.done / self.total:4.0%}" if self.total else ""
-        token_part = f", {tokens:,} tokens" if tokens is not None else ""
-        sys.stderr.write(f"\r{self.prefix}:{share} {self.done / 1e6:,.1f} MB{token_part} ({rate:.1f} MB/s)   ")
-        sys.stderr.flush()
-
-    def close(self):
-        import sys
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def tokenizing_line(done_bytes, seconds, total_bytes, tokens):
+    """45% 12.3 MB, 3,456,789 tokens (4.1 MB/s): the progress of tokenizing a source."""
+    share = f"{done_bytes / total_bytes:4.0%} " if total_bytes else ""
+    rate = done_bytes / 1e6 / max(seconds, 1e-9)
+    return f"{share}{done_bytes / 1e6:,.1f} MB, {tokens:,} tokens ({rate:.1f} MB/s)"
 
 
 def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size=1024, total_bytes=None):
@@ -296,14 +245,16 @@ def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size
     write meta.json and the tokenizer copy, print the counts. An empty split is an error.
     A document is a string, or (text, starts_document) for the pieces of a document too long to hold at once.
     """
-    counts = {}
-    progress = Progress(f"tokenizing {source}", total_bytes)
+    counts, tokens_written = {}, 0
+    progress = Progress(f"tokenizing {source}",
+                        lambda done, seconds: tokenizing_line(done, seconds, total_bytes, tokens_written))
     for split, documents in splits.items():
         writer = TokenWriter(out_dir, split, tokenizer.vocab_size)
         pieces = ((d, True) if isinstance(d, str) else d for d in documents)
         for ids, n_documents, n_bytes in parallel_map(_encode_documents, batched(pieces, batch_size), tokenizer, num_proc):
             writer.add(ids, n_bytes, documents=n_documents)
-            progress.update(n_bytes, writer.counts["tokens"])
+            tokens_written += len(ids)
+            progress.update(n_bytes)
         counts[split] = writer.close()
     progress.close()
     return finish_source(out_dir, tokenizer, counts, source, "text")
@@ -311,14 +262,16 @@ def write_text_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size
 
 def write_chat_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size=64):
     """Render {split: list of conversations} into tokens + loss masks, write meta.json, print the counts."""
-    counts = {}
-    progress = Progress(f"rendering {source}")
+    counts, tokens_written = {}, 0
+    progress = Progress(f"rendering {source}",
+                        lambda done, seconds: tokenizing_line(done, seconds, None, tokens_written))
     for split, conversations in splits.items():
         writer = TokenWriter(out_dir, split, tokenizer.vocab_size, with_mask=True)
         for ids, mask, n_conversations, n_bytes in parallel_map(_render_conversations, batched(conversations, batch_size),
                                                                 tokenizer, num_proc):
             writer.add(ids, n_bytes, mask, documents=n_conversations)
-            progress.update(n_bytes, writer.counts["tokens"])
+            tokens_written += len(ids)
+            progress.update(n_bytes)
         counts[split] = writer.close()
     progress.close()
     return finish_source(out_dir, tokenizer, counts, source, "chat")
@@ -357,7 +310,6 @@ MAX_PIECE_CHARS = 1 << 20  # a document longer than this is tokenized in pieces 
 
 def separator_regex(separator):
     """A document separator: a name of DOCUMENT_SEPARATORS or a literal string such as '<|endoftext|>'."""
-    import re
     pattern = DOCUMENT_SEPARATORS[separator] if separator in DOCUMENT_SEPARATORS else re.escape(separator)
     return re.compile(pattern) if pattern else None
 
@@ -429,6 +381,29 @@ def count_chars(path):
         for block in iter(lambda: f.read(1 << 20), ""):
             n += len(block)
     return n
+
+
+def end_of_first_bytes(path, start, max_bytes):
+    """
+    The character offset where the first max_bytes bytes (UTF-8) of a file's text from character offset start
+    end, moved back to just after a line break so that only whole lines are kept; None when the rest of the
+    file is no longer than max_bytes.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        skip_chars(f, start)
+        position, used, after_last_break = start, 0, start
+        for block in iter(lambda: f.read(1 << 20), ""):
+            encoded = block.encode("utf-8")
+            if used + len(encoded) > max_bytes:
+                # the characters of the bytes that still fit (a character cut in half is dropped)
+                block = encoded[:max_bytes - used].decode("utf-8", errors="ignore")
+                newline = block.rfind("\n")
+                return position + newline + 1 if newline >= 0 else after_last_break
+            newline = block.rfind("\n")
+            if newline >= 0:
+                after_last_break = position + newline + 1
+            position, used = position + len(block), used + len(encoded)
+    return None
 
 
 def split_point(path, separator, val_fraction):

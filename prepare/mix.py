@@ -1,8 +1,8 @@
 """
 Mix prepared sources by weight into a new source: data/<out>/{train,val}.bin (+ masks for chat) + meta.json.
 
-    python prepare/mix.py --out data/pretrain wikitext103:0.5 tinystories:0.5
-    python prepare/mix.py --out data/sft alpaca:3 gsm8k:1 identity:0.1 --train_tokens 2_000_000 --seed 1
+    python prepare/mix.py wikitext103:0.5 tinystories:0.5 --out=data/pretrain
+    python prepare/mix.py alpaca:3,gsm8k:1,identity:0.1 --out=data/sft --train_tokens=2_000_000 --seed=1
 
 Weights are shares of tokens (normalized to sum to 1). Documents (and conversations) are kept whole and
 shuffled together; which ones are taken depends only on --seed. Without --train_tokens the mix is as large as
@@ -15,7 +15,6 @@ train.py can also mix sources itself, per batch (--data=a:0.5,b:0.5); a prepared
 file that other tools (and other people) can read.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,14 +22,23 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
 from data import TokenWriter, open_tokens, read_meta, write_meta  # noqa: E402
-from prepare.common import fail  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+sources = ""  # name:weight of prepared sources in data_dir, comma-separated (or as positional arguments)
+out = ""  # output folder, e.g. data/pretrain
+data_dir = "data"  # folder of the prepared sources
+train_tokens = 0  # tokens of the train split; 0 = as many as possible without repeating a document
+seed = 1337  # which documents, in which order
+# -----------------------------------------------------------------------------------------------------
 
 
 def parse_weights(specs):
     """['a:0.5', 'b:0.5'] -> [(name, weight)], weights normalized to sum to 1."""
-    sources = []
+    weights = []
     for spec in specs:
         name, _, weight = spec.partition(":")
         try:
@@ -39,11 +47,11 @@ def parse_weights(specs):
             fail(f"{spec!r}: expected name:weight with a number as the weight")
         if not name or weight <= 0:
             fail(f"{spec!r}: expected name:weight with a positive weight")
-        sources.append((name, weight))
-    if len({n for n, _ in sources}) != len(sources):
+        weights.append((name, weight))
+    if len({n for n, _ in weights}) != len(weights):
         fail("a source is named twice")
-    total = sum(w for _, w in sources)
-    return [(n, w / total) for n, w in sources]
+    total = sum(w for _, w in weights)
+    return [(n, w / total) for n, w in weights]
 
 
 def document_spans(tokens, bos_id, where):
@@ -71,20 +79,16 @@ def choose_documents(lengths, target_tokens, rng):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="+", help="name:weight of prepared sources in --data_dir")
-    parser.add_argument("--out", required=True, help="output folder, e.g. data/pretrain")
-    parser.add_argument("--data_dir", default="data", help="folder of the prepared sources (default data)")
-    parser.add_argument("--train_tokens", type=lambda s: int(float(s.replace("_", ""))), default=None,
-                        help="tokens of the train split (default: as many as possible without repeating)")
-    parser.add_argument("--seed", type=int, default=1337, help="which documents, in which order")
-    args = parser.parse_args()
-    weights = parse_weights(args.sources)
+    if not sources:
+        fail("which sources? e.g. python prepare/mix.py wikitext103:0.5 tinystories:0.5 --out=data/pretrain")
+    if not out:
+        fail("--out: expected the output folder, e.g. --out=data/pretrain")
+    weights = parse_weights(sources.split(","))
 
     metas = {}
     for name, _ in weights:
         try:
-            metas[name] = read_meta(os.path.join(args.data_dir, name))
+            metas[name] = read_meta(os.path.join(data_dir, name))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
     shas = {metas[n]["tokenizer_sha256"] for n in metas}
@@ -95,20 +99,20 @@ def main():
     if len(formats) > 1:
         fail("the sources mix text and chat data (" + ", ".join(f"{n}: {m['format']}" for n, m in metas.items()) + ")")
     fmt = formats.pop()
-    first = os.path.join(args.data_dir, weights[0][0])
+    first = os.path.join(data_dir, weights[0][0])
     tokenizer = Tokenizer.from_file(os.path.join(first, "tokenizer.json"))
     if tokenizer.sha256 != shas.copy().pop():
         fail(f"{first}/tokenizer.json does not match the tokenizer_sha256 in its meta.json")
-    if os.path.abspath(args.out) in {os.path.abspath(os.path.join(args.data_dir, n)) for n in metas}:
-        fail(f"--out {args.out} is one of the sources")
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.abspath(out) in {os.path.abspath(os.path.join(data_dir, n)) for n in metas}:
+        fail(f"--out {out} is one of the sources")
+    os.makedirs(out, exist_ok=True)
 
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     split_counts, realized = {}, {}
     for split in ("train", "val"):
         spans, tokens, masks = {}, {}, {}
         for name, _ in weights:
-            source_dir = os.path.join(args.data_dir, name)
+            source_dir = os.path.join(data_dir, name)
             try:
                 tokens[name] = open_tokens(source_dir, split, metas[name])
                 masks[name] = open_tokens(source_dir, split, metas[name], mask=True) if fmt == "chat" else None
@@ -118,7 +122,7 @@ def main():
         available = {name: len(tokens[name]) for name in tokens}
         if split == "train":
             # --train_tokens, or the largest mix in which no source repeats a document
-            total_target = args.train_tokens or min(available[name] / w for name, w in weights)
+            total_target = train_tokens or min(available[name] / w for name, w in weights)
             train_fraction_used = total_target / sum(available.values())
         else:
             # val takes the same fraction of the val tokens as train took of the train tokens (the largest mix
@@ -134,7 +138,7 @@ def main():
             picks += [(name, i) for i in chosen]
             taken[name] = n_tokens
         order = rng.permutation(len(picks))
-        writer = TokenWriter(args.out, split, tokenizer.vocab_size, with_mask=fmt == "chat")
+        writer = TokenWriter(out, split, tokenizer.vocab_size, with_mask=fmt == "chat")
         bytes_per_token = {n: metas[n]["splits"][split]["bytes"] / max(metas[n]["splits"][split]["tokens"], 1)
                            for n in metas}
         n_bytes = {n: 0.0 for n in metas}
@@ -154,13 +158,14 @@ def main():
         for name, w in weights:
             print(f"  {name:20s} asked {w:6.1%}  got {realized[split][name]:6.1%}  ({taken[name]:,} tokens)")
 
-    meta = write_meta(args.out, tokenizer, split_counts, source="mix: " + ",".join(args.sources), fmt=fmt)
-    meta["mix"] = {"weights": dict(weights), "realized": realized, "seed": args.seed}
-    with open(os.path.join(args.out, "meta.json"), "w", encoding="utf-8") as f:
+    meta = write_meta(out, tokenizer, split_counts, source="mix: " + sources, fmt=fmt)
+    meta["mix"] = {"weights": dict(weights), "realized": realized, "seed": seed}
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    print(f"wrote {args.out} ({fmt}); train.py: --data_dir={os.path.dirname(os.path.abspath(args.out))} "
-          f"--data={os.path.basename(os.path.abspath(args.out))}")
+    print(f"wrote {out} ({fmt}); train.py: --data_dir={os.path.dirname(os.path.abspath(out))} "
+          f"--data={os.path.basename(os.path.abspath(out))}")
 
 
 if __name__ == "__main__":
+    configure(globals(), positional="sources")
     main()

@@ -5,14 +5,13 @@ Evaluation sets, normalized to the records of DESIGN.md, one JSONL file per task
     GSM8K:           {"id", "question", "answer": "<final number>", "solution": "..."}
 
     python prepare/tasks.py                                   # all tasks, from the official sources
-    python prepare/tasks.py --source ../shared/data           # from a local copy laid out like ../shared/data
-    python prepare/tasks.py --tasks arc_easy,gsm8k --out data/tasks
+    python prepare/tasks.py --source=../shared/data           # from a local copy laid out like ../shared/data
+    python prepare/tasks.py --tasks=arc_easy,gsm8k --out=data/tasks
 
 Writes data/tasks/<task>/<split>.jsonl (splits: train, val, test and MMLU's dev; whichever the source has).
 eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -23,7 +22,15 @@ import tarfile
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
 from prepare.common import download  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k"  # comma-separated
+source = ""  # a local folder laid out like ../shared/data (or holding the official archives); empty = download
+out = "data/tasks"  # output folder: <out>/<task>/<split>.jsonl
+# -----------------------------------------------------------------------------------------------------
 
 OPENBOOKQA_URL = "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip"
 ARC_URL = "https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip"
@@ -219,21 +226,18 @@ def read_task_file(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--source", default=None, help="a local folder with the files (default: download)")
-    parser.add_argument("--out", default="data/tasks", help="output folder")
-    args = parser.parse_args()
-    for task in args.tasks.split(","):
+    for task in tasks.split(","):
+        if task not in TASKS:
+            fail(f"--tasks: unknown task {task!r}; expected some of {', '.join(TASKS)}")
         for split in ("train", "val", "test", "dev"):
             try:
-                records = load_task(task, split, args.source)
-            except (FileNotFoundError, ValueError, KeyError) as e:
-                sys.exit(f"error: {task} {split}: {e}")
+                records = load_task(task, split, source)
+            except (OSError, ValueError, KeyError) as e:
+                fail(f"{task} {split}: {e}")
             if not records:
                 continue
-            os.makedirs(os.path.join(args.out, task), exist_ok=True)
-            path = os.path.join(args.out, task, f"{split}.jsonl")
+            os.makedirs(os.path.join(out, task), exist_ok=True)
+            path = os.path.join(out, task, f"{split}.jsonl")
             with open(path, "w", encoding="utf-8") as f:
                 for record in records:
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -241,4 +245,5 @@ def main():
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -2,41 +2,48 @@
 Tiny Shakespeare (1.1 MB, Karpathy's char-rnn file) -> data/tinyshakespeare/{train,val}.bin.
 
     python prepare/tinyshakespeare.py                                           # download (1.1 MB)
-    python prepare/tinyshakespeare.py --source ../shared/data/tinyshakespeare   # a local copy
+    python prepare/tinyshakespeare.py --source=../shared/data/tinyshakespeare   # a local copy
 
 As in nanoGPT, the first 90% of the text is train and the last 10% val (cut at a blank line); each split is
 one document, starting with <|bos|>.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import (add_common_args, fail, load_tokenizer, output_dir, read_documents,  # noqa: E402
-                            resolve_source, split_point, write_text_splits)
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
+from prepare.common import (load_tokenizer, output_dir, read_documents, resolve_source,  # noqa: E402
+                            split_point, write_text_splits)
+
+# -----------------------------------------------------------------------------------------------------
+source = ""  # a local copy (input.txt, or a folder holding it) or a mirror URL; empty = download
+tokenizer = "data/tokenizer.json"  # tokenizer file from prepare/tokenizer.py, or 'gpt2' or 'bytes'
+data_dir = "data"  # folder of the prepared sources
+out = ""  # output folder; empty = <data_dir>/tinyshakespeare
+num_proc = max(1, min(8, os.cpu_count() or 1))  # processes that tokenize (the CPU count, at most 8)
+val_fraction = 0.1  # the last part of the text for val
+# -----------------------------------------------------------------------------------------------------
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def main():
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-                             "tinyshakespeare")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="the last part of the text for val (default 0.1)")
-    args = parser.parse_args()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(tokenizer)
     try:
         # the checksum is the official file's; a --source file may be another text, so it is not checked
-        path = resolve_source(args.source, ["input.txt", "tinyshakespeare/input.txt"], URL,
-                              sha256=None if args.source else SHA256)
+        path = resolve_source(source, ["input.txt", "tinyshakespeare/input.txt"], URL,
+                              sha256=None if source else SHA256)
     except (OSError, ValueError) as e:
         fail(str(e))
-    cut = split_point(path, "file", args.val_fraction)
+    cut = split_point(path, "file", val_fraction)
     splits = {"train": read_documents(path, "file", 0, cut), "val": read_documents(path, "file", cut)}
-    write_text_splits(output_dir(args, "tinyshakespeare"), tokenizer, splits, source="tinyshakespeare",
-                      num_proc=args.num_proc, total_bytes=os.path.getsize(path))
+    write_text_splits(output_dir(out, data_dir, "tinyshakespeare"), tok, splits, source="tinyshakespeare",
+                      num_proc=num_proc, total_bytes=os.path.getsize(path))
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

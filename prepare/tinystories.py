@@ -2,21 +2,34 @@
 TinyStories (V2, the GPT-4 stories) -> data/tinystories/{train,val}.bin + meta.json.
 
     python prepare/tinystories.py                                        # download (2.2 GB train, 22 MB valid)
-    python prepare/tinystories.py --source ../shared/data/tinystories    # a local copy (here: a small subset)
-    python prepare/tinystories.py --source TinyStoriesV2-GPT4-train.txt --val_fraction 0.01
+    python prepare/tinystories.py --source=../shared/data/tinystories    # a local copy (here: a small subset)
+    python prepare/tinystories.py --source=TinyStoriesV2-GPT4-train.txt --val_fraction=0.01
+    python prepare/tinystories.py --max_train_bytes=20_000_000 --max_val_bytes=1_000_000   # 20 MB, 1 MB
 
 Stories are separated by '<|endoftext|>' lines in the official files; files without that delimiter (the
 subset in ../shared/data) end a story at a single newline, with blank lines between its paragraphs.
 Each story is one document and starts with <|bos|>. Tokenizing streams the files on several processes.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import (add_common_args, download, fail, load_tokenizer, output_dir,  # noqa: E402
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
+from prepare.common import (download, end_of_first_bytes, load_tokenizer, output_dir,  # noqa: E402
                             read_documents, split_point, write_text_splits)
+
+# -----------------------------------------------------------------------------------------------------
+source = ""  # a local copy (a folder with the files, or one train file) or a mirror URL; empty = download
+tokenizer = "data/tokenizer.json"  # tokenizer file from prepare/tokenizer.py, or 'gpt2' or 'bytes'
+data_dir = "data"  # folder of the prepared sources
+out = ""  # output folder; empty = <data_dir>/tinystories
+num_proc = max(1, min(8, os.cpu_count() or 1))  # processes that tokenize (the CPU count, at most 8)
+val_fraction = 0.01  # share of the train file held out for val when the source has no val file
+max_train_bytes = 0  # tokenize only the first this many bytes of the train file (whole lines); 0 = all of it
+max_val_bytes = 0  # the same for the val file
+# -----------------------------------------------------------------------------------------------------
 
 BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 FILES = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
@@ -39,7 +52,7 @@ def stories(path, start=0, end=None):
 
 def find_split_files(source):
     """{split: (path, start, end)}: the official download, a folder with the files, or one file split by --val_fraction."""
-    if source is None:
+    if not source:
         return {split: (download(BASE_URL + name), 0, None) for split, name in FILES.items()}
     if os.path.isdir(source):
         found = {}
@@ -54,26 +67,30 @@ def find_split_files(source):
 
 
 def main():
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-                             "tinystories")
-    parser.add_argument("--val_fraction", type=float, default=0.01,
-                        help="share of the train file held out for val when the source has no val file (default 0.01)")
-    args = parser.parse_args()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(tokenizer)
     try:
-        files = find_split_files(args.source)
+        files = find_split_files(source)
     except (OSError, ValueError) as e:
         fail(str(e))
     if "val" not in files:
         path = files["train"][0]
-        cut = split_point(path, story_separator(path), args.val_fraction)
+        cut = split_point(path, story_separator(path), val_fraction)
         files = {"train": (path, 0, cut), "val": (path, cut, None)}
-        print(f"{path}: no val file, holding out the last {args.val_fraction:.1%} of its stories for val")
-    out = output_dir(args, "tinystories")
+        print(f"{path}: no val file, holding out the last {val_fraction:.1%} of its stories for val")
+    total_bytes = 0
+    for split, max_bytes in (("train", max_train_bytes), ("val", max_val_bytes)):
+        path, start, end = files[split]
+        if max_bytes > 0:
+            cut = end_of_first_bytes(path, start, max_bytes)
+            if cut is not None and (end is None or cut < end):
+                files[split] = (path, start, cut)
+                print(f"{split}: the first {max_bytes:,} bytes of {path} (whole lines)")
+        total_bytes += min(os.path.getsize(path), max_bytes or os.path.getsize(path))
     splits = {split: stories(path, start, end) for split, (path, start, end) in files.items()}
-    total = sum(os.path.getsize(path) for path, _, _ in files.values())
-    write_text_splits(out, tokenizer, splits, source="tinystories", num_proc=args.num_proc, total_bytes=total)
+    write_text_splits(output_dir(out, data_dir, "tinystories"), tok, splits, source="tinystories",
+                      num_proc=num_proc, total_bytes=total_bytes)
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -1,26 +1,36 @@
 """
 Train the byte-level BPE tokenizer -> data/tokenizer.json (the file every other prepare/ script reads).
 
-    python prepare/tokenizer.py --source ../shared/data/tinystories/tiny_stories.txt --vocab_size 4096
-    python prepare/tokenizer.py --source tinystories --vocab_size 32768 --max_chars 100_000_000
-    python prepare/tokenizer.py --source my_notes/ books.txt chats.jsonl --vocab_size 8192 --out data/my_tokenizer.json
+    python prepare/tokenizer.py ../shared/data/tinystories/tiny_stories.txt --vocab_size=4096
+    python prepare/tokenizer.py tinystories --vocab_size=32768 --max_chars=100_000_000
+    python prepare/tokenizer.py my_notes/ books.txt chats.jsonl --vocab_size=8192 --out=data/my_tokenizer.json
 
---source takes text files, folders (their .txt/.raw/.md files and the text fields of .json/.jsonl files),
-or the name of a source this repository downloads: tinystories, tinyshakespeare, wikitext2, wikitext103
-(their train split). Reading stops after --max_chars characters. The last part of what was read (5%, at
-most 2M characters) is held out: training never sees it, and the compression (bytes per token) is measured
-on it. Training is deterministic: the same text and vocab size give the same file, byte for byte.
+The sources (arguments, or --source=a,b,c) are text files, folders (their .txt/.raw/.md files and the text
+fields of .json/.jsonl files), or the name of a source this repository downloads: tinystories, tinyshakespeare,
+wikitext2, wikitext103 (their train split). Reading stops after --max_chars characters. The last part of what
+was read (5%, at most 2M characters) is held out: training never sees it, and the compression (bytes per token)
+is measured on it. Training is deterministic: the same text and vocab size give the same file, byte for byte.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import download, fail  # noqa: E402
+from common import Progress, fail  # noqa: E402
+from configurator import configure  # noqa: E402
+from prepare.common import download, read_json_records  # noqa: E402
+from prepare.wikitext import find_split_files as wikitext_split_files  # noqa: E402
 from tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, count_chunks, train_bpe  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+source = ""  # text files, folders, URLs or source names, comma-separated (or given as positional arguments)
+vocab_size = 4096  # tokens in all: 256 bytes + merges + the special tokens
+max_chars = 200_000_000  # read at most this many characters
+out = "data/tokenizer.json"  # the tokenizer file to write
+num_proc = os.cpu_count() or 1  # processes for the regex split
+# -----------------------------------------------------------------------------------------------------
 
 # sources known by name: the official train file of each
 NAMED_SOURCES = {
@@ -38,8 +48,7 @@ def source_files(source):
     """The files to read for one --source entry."""
     if source in NAMED_SOURCES:
         if source.startswith("wikitext"):
-            from prepare.wikitext import find_split_files
-            return [find_split_files(None, source[len("wikitext"):])["train"]]
+            return [wikitext_split_files(None, source[len("wikitext"):])["train"]]
         return [download(NAMED_SOURCES[source])]
     if os.path.isdir(source):
         files = []
@@ -76,8 +85,6 @@ def text_blocks(path):
 
 def json_texts(path):
     """The string values of every record of a .json (list) or .jsonl file, one text per record."""
-    from prepare.common import read_json_records
-
     def strings(value):
         if isinstance(value, str):
             yield value
@@ -108,27 +115,21 @@ def read_texts(sources, max_chars):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", nargs="+", required=True, help="text files, folders, URLs or source names")
-    parser.add_argument("--vocab_size", type=int, default=4096,
-                        help=f"tokens in all: 256 bytes + merges + {len(SPECIAL_TOKENS)} special tokens (default 4096)")
-    parser.add_argument("--max_chars", type=lambda s: int(float(s.replace("_", ""))), default=200_000_000,
-                        help="read at most this many characters (default 200M)")
-    parser.add_argument("--out", default="data/tokenizer.json", help="tokenizer file to write (default data/tokenizer.json)")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes for the regex split")
-    args = parser.parse_args()
-    if not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= 65536:
-        fail(f"--vocab_size {args.vocab_size}: expected {256 + len(SPECIAL_TOKENS)} to 65536")
+    sources = [entry for entry in source.split(",") if entry]
+    if not sources:
+        fail("no source: give text files, folders or source names as arguments or as --source=a,b")
+    if not 256 + len(SPECIAL_TOKENS) <= vocab_size <= 65536:
+        fail(f"--vocab_size={vocab_size}: expected {256 + len(SPECIAL_TOKENS)} to 65536")
 
     # read everything once to know the total, keeping the last part as held-out text
     t0 = time.time()
     try:
-        texts = list(read_texts(args.source, args.max_chars))
+        texts = list(read_texts(sources, max_chars))
     except (OSError, ValueError) as e:
         fail(str(e))
     total = sum(len(t) for t in texts)
     if total == 0:
-        fail(f"--source {' '.join(args.source)}: no text in it")
+        fail(f"--source={source}: no text in it")
     heldout_chars = min(total // 20, 2_000_000)
     train_texts, heldout_texts, n = [], [], 0
     for text in texts:
@@ -143,34 +144,35 @@ def main():
           f"holding out {heldout_chars:,}")
 
     t0 = time.time()
-    chunk_counts = count_chunks(train_texts, GPT4_SPLIT_PATTERN, num_proc=args.num_proc)
+    chunk_counts = count_chunks(train_texts, GPT4_SPLIT_PATTERN, num_proc=num_proc)
     del train_texts
     print(f"counted {len(chunk_counts):,} unique chunks ({sum(chunk_counts.values()):,} in all) "
-          f"in {time.time() - t0:.1f}s on {args.num_proc} processes")
+          f"in {time.time() - t0:.1f}s on {num_proc} processes")
 
     t0 = time.time()
-
-    def progress(done, n_merges):
-        sys.stderr.write(f"\rmerges {done:,}/{n_merges:,} ({time.time() - t0:.1f}s)")
-        sys.stderr.flush()
-    tokenizer = train_bpe(chunk_counts, args.vocab_size, progress=progress)
-    sys.stderr.write("\n")
+    n_merges_asked = vocab_size - 256 - len(SPECIAL_TOKENS)
+    merges = Progress("merges", lambda done, seconds: f"{done:,}/{n_merges_asked:,} ({seconds:.1f}s)")
+    # train_bpe reports the merges done so far; Progress counts what is added
+    tokenizer = train_bpe(chunk_counts, vocab_size, progress=lambda done, _: merges.update(done - merges.done))
     n_merges = len(tokenizer.mergeable_ranks) - 256
+    merges.update(n_merges - merges.done)  # the merges made since train_bpe's last report
+    merges.close()
     print(f"trained {n_merges:,} merges in {time.time() - t0:.1f}s: vocab_size {tokenizer.vocab_size:,}")
-    if tokenizer.vocab_size < args.vocab_size:
-        print(f"note: the text has too few distinct pairs for {args.vocab_size:,} tokens; the vocabulary stopped "
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: the text has too few distinct pairs for {vocab_size:,} tokens; the vocabulary stopped "
               f"at {tokenizer.vocab_size:,} (give it more text)")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tokenizer.save(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tokenizer.save(out)
     heldout = "".join(heldout_texts)
     n_tokens = len(tokenizer.encode(heldout))
     longest = sorted(tokenizer.mergeable_ranks, key=len)[-5:]
     print(f"compression on {len(heldout):,} held-out characters: "
           f"{len(heldout.encode('utf-8')) / max(n_tokens, 1):.2f} bytes/token")
     print(f"longest tokens: {', '.join(json.dumps(t.decode('utf-8', errors='replace')) for t in longest)}")
-    print(f"wrote {args.out} (sha256 {tokenizer.sha256[:16]}...)")
+    print(f"wrote {out} (sha256 {tokenizer.sha256[:16]}...)")
 
 
 if __name__ == "__main__":
+    configure(globals(), positional="source")
     main()

@@ -2,22 +2,31 @@
 WikiText-103 or WikiText-2 (the raw, untokenized text) -> data/wikitext103/ or data/wikitext2/ {train,val,test}.bin.
 
     python prepare/wikitext.py                                   # WikiText-103 raw (download, 190 MB zip)
-    python prepare/wikitext.py --version 2                       # WikiText-2 raw (4.7 MB zip)
-    python prepare/wikitext.py --version 2 --source path/to/wikitext-2-raw      # a local copy (folder or zip)
+    python prepare/wikitext.py --version=2                       # WikiText-2 raw (4.7 MB zip)
+    python prepare/wikitext.py --version=2 --source=path/to/wikitext-2-raw      # a local copy (folder or zip)
 
 Each Wikipedia article (from its ' = Title = ' line) is one document starting with <|bos|>. The test split is
 written too, for evaluation. The files read are wiki.{train,valid,test}.raw (or the tokenized-form
 {train,valid,test}.txt / wiki.*.tokens, which contain <unk>: prefer raw).
 """
 
-import argparse
 import os
 import sys
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare.common import (add_common_args, download, fail, load_tokenizer, output_dir,  # noqa: E402
-                            read_documents, write_text_splits)
+from common import fail  # noqa: E402
+from configurator import configure  # noqa: E402
+from prepare.common import download, load_tokenizer, output_dir, read_documents, write_text_splits  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+version = "103"  # '103' (WikiText-103) or '2' (WikiText-2)
+source = ""  # a local copy (a folder holding the split files, or the zip) or a mirror URL; empty = download
+tokenizer = "data/tokenizer.json"  # tokenizer file from prepare/tokenizer.py, or 'gpt2' or 'bytes'
+data_dir = "data"  # folder of the prepared sources
+out = ""  # output folder; empty = <data_dir>/wikitext<version>
+num_proc = max(1, min(8, os.cpu_count() or 1))  # processes that tokenize (the CPU count, at most 8)
+# -----------------------------------------------------------------------------------------------------
 
 URLS = {"103": "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip",
         "2": "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip"}
@@ -41,7 +50,7 @@ def extract_zip(path):
 
 def find_split_files(source, version):
     """{split: path} from the official zip, a --source zip/URL, or a --source folder (searched recursively)."""
-    if source is None or not os.path.isdir(source):
+    if not source or not os.path.isdir(source):
         source = extract_zip(download(source or URLS[version]))
     found = {}
     for split in SPLIT_NAMES:
@@ -66,21 +75,19 @@ def articles(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", choices=["103", "2"], default="103", help="WikiText-103 (default) or WikiText-2")
-    args, _ = parser.parse_known_args()
-    add_common_args(parser, f"wikitext{args.version}")
-    args = parser.parse_args()
-    tokenizer = load_tokenizer(args.tokenizer)
+    if version not in URLS:
+        fail(f"--version={version}: expected 103 (WikiText-103) or 2 (WikiText-2)")
+    tok = load_tokenizer(tokenizer)
     try:
-        files = find_split_files(args.source, args.version)
+        files = find_split_files(source, version)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         fail(str(e))
-    out = output_dir(args, f"wikitext{args.version}")
-    total = sum(os.path.getsize(p) for p in files.values())
-    write_text_splits(out, tokenizer, {split: articles(path) for split, path in files.items()},
-                      source=f"wikitext{args.version}", num_proc=args.num_proc, total_bytes=total)
+    total_bytes = sum(os.path.getsize(p) for p in files.values())
+    write_text_splits(output_dir(out, data_dir, f"wikitext{version}"), tok,
+                      {split: articles(path) for split, path in files.items()}, source=f"wikitext{version}",
+                      num_proc=num_proc, total_bytes=total_bytes)
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -100,3 +100,35 @@ def test_equals_form_accepts_spaces_and_bare_flags():
     assert equals_form(["--ckpt", "a.pt", "--serve", "--port=9"], defaults) == ["--ckpt=a.pt", "--serve=True",
                                                                                  "--port=9"]
     assert equals_form(["--serve", "false", "cfg.py"], defaults) == ["--serve=false", "cfg.py"]
+
+
+def test_positional_inputs_join_with_their_option_and_python_files_stay_config_files(tmp_path):
+    defaults = {"source": "", "vocab_size": 4096}
+    # prepare/tokenizer.py a.txt b.txt, and its old spelling --source a.txt b.txt: the same two inputs
+    for argv in (["a.txt", "b.txt"], ["--source", "a.txt", "b.txt"], ["--source=a.txt", "b.txt"]):
+        ns = dict(defaults)
+        configure(ns, argv, verbose=False, positional="source")
+        assert ns["source"] == "a.txt,b.txt", argv
+    preset = tmp_path / "preset.py"
+    preset.write_text("vocab_size = 512\nsource = 'from_the_config.txt'\n")
+    ns = dict(defaults)
+    configure(ns, [str(preset), "corpus.txt", "--vocab_size=300"], verbose=False, positional="source")
+    assert ns == {"source": "corpus.txt", "vocab_size": 300}  # the command line wins over the config file
+    ns = dict(defaults)
+    configure(ns, [str(preset)], verbose=False, positional="source")
+    assert ns["source"] == "from_the_config.txt"
+    code = tmp_path / "code.py"
+    code.write_text("def f():\n    return 1\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'x'.*give a .py input as --source=FILE"):
+        configure(dict(defaults), [str(code)], verbose=False, positional="source")
+    ns = dict(defaults)
+    configure(ns, [f"--source={code}"], verbose=False, positional="source")
+    assert ns["source"] == str(code)
+
+
+def test_all_caps_constants_are_not_settings():
+    ns = {"BASE_URL": "https://example.com/", "VERSION": 1, "max_iters": 10}
+    with pytest.raises(ConfigError, match=r"unknown config key 'VERSION'"):
+        configure(ns, ["--VERSION=2"], verbose=False)
+    configure(ns, ["--max_iters=5"], verbose=False)
+    assert ns == {"BASE_URL": "https://example.com/", "VERSION": 1, "max_iters": 5}

@@ -101,6 +101,27 @@ def test_tinyshakespeare_prepares_with_the_manifest_size(tokenizer_file, tmp_pat
     assert tok.decode(tokens[1:200].tolist()) == text[:len(tok.decode(tokens[1:200].tolist()))]
 
 
+def test_tinystories_byte_caps_keep_the_first_whole_lines(tokenizer_file, tmp_path):
+    # speedrun.sh's presets tokenize only the start of TinyStories (the CPU preset: 20 MB of the 2.2 GB file)
+    out = tmp_path / "ts"
+    run_stage("prepare/tinystories.py", f"--source={shared_file('tinystories')}", f"--tokenizer={tokenizer_file}",
+              f"--out={out}", "--max_train_bytes=50_000", "--max_val_bytes=20_000", "--num_proc=1")
+    meta = read_meta(str(out))
+    assert 45_000 < meta["splits"]["train"]["bytes"] <= 50_000
+    assert 15_000 < meta["splits"]["val"]["bytes"] <= 20_000
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    first_story = next(stories(str(shared_file("tinystories/tiny_stories.txt"))))
+    assert tok.decode(open_tokens(str(out), "train", meta)[:400].tolist()).startswith(f"<|bos|>{first_story}")
+
+
+def test_byte_cap_counts_bytes_and_cuts_after_a_line_break(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("h\u00e9llo\nworld\nabc\n", encoding="utf-8")  # lines of 7 (an accent is 2 bytes), 6, 4 bytes
+    caps = (6, 7, 12, 13, 16, 17)
+    assert [common.end_of_first_bytes(str(path), 0, cap) for cap in caps] == [0, 6, 6, 12, 12, None]
+    assert common.end_of_first_bytes(str(path), 6, 9) == 12  # from the second line on
+
+
 # ----------------------------------------------------------------------------------------------------
 # sources with no copy in ../shared/data: a few records written by hand in the official format
 

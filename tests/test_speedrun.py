@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA, shared_file
+from configurator import check_type, read_config_file
 from report import paired_difference
+from test_cli import header_settings
+
+# the config files of a preset (config/speedrun/<preset>/) and the script that reads each
+PRESET_CONFIGS = {"tokenizer.py": "prepare/tokenizer.py", "tinystories.py": "prepare/tinystories.py",
+                  "pretrain.py": "train.py", "alpaca.py": "prepare/chat.py", "arithmetic.py": "prepare/arithmetic.py",
+                  "sft.py": "train.py", "rl.py": "rl.py", "eval.py": "eval.py"}
 
 
 def speedrun(*args, env=None, timeout=600):
@@ -105,3 +112,17 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert result.returncode == 1 and "unknown argument 'laptop'" in result.stderr
     result = speedrun(f"--data_dir={tmp_path / 'nothing'}", f"--run_dir={tmp_path / 'run'}")
     assert result.returncode == 1 and "is not a folder" in result.stderr
+
+
+@pytest.mark.parametrize("preset", sorted(os.listdir(REPO / "config" / "speedrun")))
+def test_every_preset_config_holds_settings_of_the_script_that_reads_it(preset):
+    # the cpu and gpu presets run for 15 minutes or more: a misspelled key must not wait until then to show
+    folder = REPO / "config" / "speedrun" / preset
+    assert sorted(os.listdir(folder)) == sorted(PRESET_CONFIGS)
+    for name, script in PRESET_CONFIGS.items():
+        defaults = header_settings(script)
+        values = read_config_file(str(folder / name), {})
+        assert values, f"{preset}/{name} sets nothing"
+        for key, value in values.items():
+            assert key in defaults, f"config/speedrun/{preset}/{name}: {key} is not a setting of {script}"
+            check_type(key, value, defaults[key], f"config/speedrun/{preset}/{name}")

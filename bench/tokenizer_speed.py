@@ -1,8 +1,8 @@
 """
 Tokenizer benchmark: training time, encoding speed, compression, and the memory of preparing a large file.
 
-    python bench/tokenizer.py              # 10 MB and 100 MB corpora (about 2-3 minutes on 2 cores)
-    python bench/tokenizer.py --quick      # 10 MB only
+    python bench/tokenizer_speed.py              # 10 MB and 100 MB corpora (about 2-3 minutes on 2 cores)
+    python bench/tokenizer_speed.py --quick      # 10 MB only
 
 The full TinyStories train split (2.2 GB) is not in ../shared/data, so the corpora are built from the real
 stories there (tiny_stories.txt, ~1,100 stories, 0.9 MB), repeated with a different seeded shuffle of the
@@ -12,7 +12,6 @@ pairs for a 32K vocabulary, so the 32K figures are also measured on a diverse co
 Compression is measured on tinystories_val.txt, which no corpus here contains.
 """
 
-import argparse
 import glob
 import os
 import platform
@@ -22,11 +21,17 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's modules first: bench/ holds none of the same name
+from configurator import configure  # noqa: E402
 from tokenizer import count_chunks, train_bpe  # noqa: E402
 
-SHARED = os.environ.get("NANOLLAMA_SHARED_DATA",
-                        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
+# -----------------------------------------------------------------------------------------------------
+quick = False  # the 10 MB corpora only
+num_proc = os.cpu_count() or 1  # processes for counting chunks (and for prepare/text.py)
+# -----------------------------------------------------------------------------------------------------
+
+SHARED = os.environ.get("NANOLLAMA_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
 def read(relative):
@@ -80,16 +85,12 @@ def train(texts, vocab_size, num_proc):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 MB only")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes for counting chunks")
-    args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}; "
           f"python {platform.python_version()}")
     heldout = read("tinystories/tinystories_val.txt").replace("<|endoftext|>", "")
-    sizes = [10_000_000] if args.quick else [10_000_000, 100_000_000]
+    sizes = [10_000_000] if quick else [10_000_000, 100_000_000]
 
-    print("\n## training (count chunks on %d processes, then merge)" % args.num_proc)
+    print("\n## training (count chunks on %d processes, then merge)" % num_proc)
     print(f"{'corpus':24s} {'vocab':>6s} {'reached':>7s} {'chunks':>8s} {'count s':>8s} {'merge s':>8s} {'total s':>8s} {'bytes/tok':>9s}")
     trained = {}
     for size in sizes:
@@ -98,7 +99,7 @@ def main():
             for vocab_size in (4096, 32768):
                 if kind == "diverse" and vocab_size == 4096:
                     continue
-                tokenizer, n_chunks, count_s, merge_s = train(texts, vocab_size, args.num_proc)
+                tokenizer, n_chunks, count_s, merge_s = train(texts, vocab_size, num_proc)
                 ids = tokenizer.encode(heldout)
                 bpt = len(heldout.encode("utf-8")) / len(ids)
                 print(f"{kind + f' {size // 1_000_000} MB':24s} {vocab_size:6d} {tokenizer.vocab_size:7d} {n_chunks:8,d} "
@@ -126,9 +127,8 @@ def main():
             f.write("\n".join(tinystories_corpus(sizes[-1])))
         tokenizer_path = os.path.join(tmp, "tokenizer.json")
         trained[("tinystories", sizes[0], 4096)].save(tokenizer_path)
-        script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare", "text.py")
-        command = [sys.executable, script, path, "--doc_sep", "line", "--tokenizer", tokenizer_path,
-                   "--data_dir", tmp, "--num_proc", str(args.num_proc)]
+        command = [sys.executable, os.path.join(REPO, "prepare", "text.py"), path, "--doc_sep=line",
+                   f"--tokenizer={tokenizer_path}", f"--data_dir={tmp}", f"--num_proc={num_proc}"]
         # a fresh wrapper process, so that the peak counts only prepare/text.py and its workers (this process's
         # earlier children were forked with the corpora in memory)
         wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -138,9 +138,10 @@ def main():
         seconds = time.time() - t0
         peak_mb = int(result.stdout.split()[-1]) / 1024  # the largest of those processes, in MB
         size_mb = os.path.getsize(path) / 1e6
-        print(f"{size_mb:.0f} MB in {seconds:.1f}s ({size_mb / seconds:.1f} MB/s) on {args.num_proc} processes; "
+        print(f"{size_mb:.0f} MB in {seconds:.1f}s ({size_mb / seconds:.1f} MB/s) on {num_proc} processes; "
               f"largest process peak RSS {peak_mb:.0f} MB")
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

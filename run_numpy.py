@@ -3,9 +3,9 @@ Run an exported model with NumPy alone, no torch: the Python twin of run.c, for 
 read the forward pass as a few dozen lines of array code.
 
     python export.py --ckpt=out/ckpt.pt --format=npz --out=model.npz
-    python run_numpy.py model.npz -i "Once upon a time" -n 100
-    python run_numpy.py model.npz -m chat -i "What is 12 * 7?" -t 0          # a chat model, calculator on
-    python run_numpy.py model.npz -i "Once upon a time" -t 0.8 -p 0.9 -s 42
+    python run_numpy.py model.npz --prompt="Once upon a time" --steps=100
+    python run_numpy.py model.npz --mode=chat --prompt="What is 12 * 7?" --temperature=0   # calculator on
+    python run_numpy.py model.npz --prompt="Once upon a time" --temperature=0.8 --top_p=0.9 --seed=42
 
 The model file is export.py's --format=npz: every weight a float32 array under model.py's names
 (layers.0.attention.wq.weight, ...; no output.weight when the head is tied to the embedding), and string
@@ -13,11 +13,10 @@ entries model_args (model.py's ModelArgs as JSON) and tokenizer (the tokenizer f
 model.py's: RMSNorm, RoPE on interleaved pairs (with Llama 3's frequency scaling when model_args has
 rope_scaling), grouped-query attention, SwiGLU, attention biases (Qwen2), a tied or separate output head; in
 float32, its logits equal PyTorch's within 1e-4 (tests/test_numpy_export.py). Generation keeps a KV cache,
-reads the prompt in one pass, then one token per step; greedy (-t 0) gives engine.py's tokens. It imports
+reads the prompt in one pass, then one token per step; greedy (--temperature=0) gives engine.py's tokens. It imports
 tokenizer.py (tiktoken and regex) and engine.py (the calculator), neither of which imports torch.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -26,7 +25,21 @@ import time
 import numpy as np
 
 import engine
+from configurator import configure
 from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------------------------------
+# settings (--key=value or --key value, as every script takes them; --help lists them)
+model_file = ""  # the .npz file (python export.py --format=npz); the first positional argument
+prompt = ""  # the prompt (chat: the user's message)
+mode = "generate"  # 'generate': continue the prompt | 'chat': answer it as a user message, calculator on
+system = ""  # chat: a system message
+steps = 256  # most tokens to generate
+temperature = 1.0  # 0 = greedy
+top_p = 0.9  # nucleus sampling: keep the most likely tokens up to this probability mass
+seed = -1  # random seed; -1 = from the time
+show_tokens = False  # also print the new token ids
+# -----------------------------------------------------------------------------------------------------
 
 FORMAT = "nanollama"
 
@@ -227,43 +240,33 @@ SHOWN = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]", "<|output_s
          "<|output_end|>": " "}  # tool tokens as run.c prints them
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run an export.py --format=npz model with NumPy (no torch).")
-    parser.add_argument("model", help="the .npz file (python export.py --format=npz)")
-    parser.add_argument("-i", dest="prompt", default="", help="the prompt (chat: the user's message)")
-    parser.add_argument("-n", dest="steps", type=int, default=256, help="most tokens to generate (256)")
-    parser.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1)")
-    parser.add_argument("-p", dest="top_p", type=float, default=0.9, help="top-p (nucleus) sampling (0.9)")
-    parser.add_argument("-s", dest="seed", type=int, default=None, help="random seed (default: the time)")
-    parser.add_argument("-m", dest="mode", choices=["generate", "chat"], default="generate",
-                        help="generate: continue the prompt; chat: answer it as a user message")
-    parser.add_argument("-y", dest="system", default="", help="chat: a system message")
-    parser.add_argument("-v", dest="show_tokens", type=int, default=0, help="1: print the new token ids")
-    options = parser.parse_args(argv)
-    if options.steps < 1 or options.temperature < 0 or not 0 < options.top_p <= 1:
-        parser.error("-n must be at least 1, -t at least 0, -p in (0, 1]")
+def main(options):
+    if options["steps"] < 1 or options["temperature"] < 0 or not 0 < options["top_p"] <= 1:
+        sys.exit("error: steps must be at least 1, temperature at least 0, top_p in (0, 1]")
+    if options["mode"] not in ("generate", "chat"):
+        sys.exit(f"error: mode={options['mode']!r}: expected 'generate' or 'chat'")
     try:
-        model, tokenizer = load_model(options.model)
+        model, tokenizer = load_model(options['model_file'])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if options.mode == "chat":
-        messages = [{"role": "system", "content": options.system}] if options.system else []
+    if options['mode'] == "chat":
+        messages = [{"role": "system", "content": options['system']}] if options['system'] else []
         try:
-            prompt = tokenizer.render_for_completion(messages + [{"role": "user", "content": options.prompt}])
+            prompt = tokenizer.render_for_completion(messages + [{"role": "user", "content": options['prompt']}])
         except ValueError as e:
             sys.exit(f"error: chat mode: {e}")
         stop_tokens, tools = [tokenizer.assistant_end_id, tokenizer.bos_id], True
     else:
-        prompt = tokenizer.encode(options.prompt, bos=True)
-        print(options.prompt, end="", flush=True)
+        prompt = tokenizer.encode(options['prompt'], bos=True)
+        print(options['prompt'], end="", flush=True)
         stop_tokens, tools = [tokenizer.bos_id], False  # a new document ends the text, as in run.c
     if len(prompt) >= model["args"]["max_seq_len"]:
         sys.exit(f"error: the prompt is {len(prompt)} tokens; the model's context is "
                  f"{model['args']['max_seq_len']}")
     decoder = engine.TextDecoder(tokenizer)
     generated, t_first = [], None
-    for token, _ in generate(model, tokenizer, prompt, options.steps, options.temperature, options.top_p,
-                             options.seed, tools, stop_tokens):
+    for token, _ in generate(model, tokenizer, prompt, options['steps'], options['temperature'], options['top_p'],
+                             options['seed'] if options['seed'] >= 0 else None, tools, stop_tokens):
         generated.append(token)
         if t_first is None:
             t_first = time.time()  # as run.c: timed from the first token on, the prompt's pass left out
@@ -272,11 +275,11 @@ def main(argv=None):
         piece = decoder.piece(token)
         print(SHOWN.get(piece, piece), end="", flush=True)
     print(flush=True)
-    if options.show_tokens:
+    if options['show_tokens']:
         print("tokens: " + " ".join(map(str, generated)))
     if len(generated) > 1:
         print(f"achieved tok/s: {(len(generated) - 1) / (time.time() - t_first):.2f}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(globals(), positional="model_file", verbose=False))

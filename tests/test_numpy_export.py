@@ -120,8 +120,8 @@ def test_run_numpy_runs_without_torch_and_replies_as_the_engine(tmp_path):
     # torch made unimportable: `import torch` anywhere in run_numpy.py or what it imports fails
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run_numpy.py'] + sys.argv[1:]; "
             "runpy.run_path('run_numpy.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(npz), "-m", "chat", "-i", "Hello", "-t", "0",
-                             "-n", "40", "-v", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, str(npz), "--mode=chat", "--prompt=Hello",
+                             "--temperature=0", "--steps=40", "--show_tokens"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     prompt = TOKENIZER.render_for_completion([{"role": "user", "content": "Hello"}])
     expected = [tokens[0] for tokens, _ in engine.generate(model, TOKENIZER, prompt, 40, temperature=0.0)]

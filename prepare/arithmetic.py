@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
 from data import TokenWriter, write_meta  # noqa: E402
-from prepare.common import load_tokenizer  # noqa: E402
+from prepare.common import load_tokenizer, output_dir, written_aside  # noqa: E402
 from tokenizer import count_chunks, train_bpe  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
@@ -157,6 +157,7 @@ def conversation(record):
 def main():
     if min(n_train, n_val, n_test) < 1:
         fail(f"--n_train={n_train}, --n_val={n_val}, --n_test={n_test}: each must be at least 1")
+    folder = output_dir(out, "", "")
 
     rng = random.Random(seed)
     seen = set()
@@ -165,7 +166,6 @@ def main():
         splits[split] = generate_problems(count, rng, seen)
         for i, record in enumerate(splits[split]):
             record["id"] = f"arith/{split}/{i}"
-    os.makedirs(out, exist_ok=True)
 
     if tokenizer:
         tok = load_tokenizer(tokenizer)
@@ -174,23 +174,24 @@ def main():
         tok = train_bpe(count_chunks(texts), vocab_size, name="arith")
         print(f"trained a {tok.vocab_size}-token BPE tokenizer on the train problems")
 
-    for split, records in splits.items():
-        path = os.path.join(out, f"{split}.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps({k: r[k] for k in ("id", "question", "answer", "solution")}) + "\n")
-        print(f"{split:5s} {len(records):6d} problems -> {path}")
-    counts = {}
-    for split in ("train", "val"):  # the SFT conversations; test stays held out for rl.py's accuracy
-        writer = TokenWriter(out, split, tok.vocab_size, with_mask=True)
-        for record in splits[split]:
-            messages = conversation(record)
-            ids, mask = tok.render_conversation(messages)
-            n_bytes = len(record["question"].encode("utf-8")) + sum(len(p["text"]) for p in messages[1]["content"])
-            writer.add(ids, n_bytes, mask)
-        counts[split] = writer.close()
-        print(f"{split:5s} {counts[split]['tokens']:,} tokens of SFT conversations -> {writer.path}")
-    write_meta(out, tok, counts, source=f"prepare/arithmetic.py --seed {seed}", fmt="chat")
+    with written_aside(folder) as work:  # the folder is replaced whole at the end, never half-written
+        for split, records in splits.items():
+            with open(os.path.join(work, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in ("id", "question", "answer", "solution")}) + "\n")
+            print(f"{split:5s} {len(records):6d} problems -> {os.path.join(folder, split + '.jsonl')}")
+        counts = {}
+        for split in ("train", "val"):  # the SFT conversations; test stays held out for rl.py's accuracy
+            writer = TokenWriter(work, split, tok.vocab_size, with_mask=True)
+            for record in splits[split]:
+                messages = conversation(record)
+                ids, mask = tok.render_conversation(messages)
+                n_bytes = len(record["question"].encode("utf-8")) + sum(len(p["text"]) for p in messages[1]["content"])
+                writer.add(ids, n_bytes, mask)
+            counts[split] = writer.close()
+            print(f"{split:5s} {counts[split]['tokens']:,} tokens of SFT conversations -> "
+                  f"{os.path.join(folder, split + '.bin')}")
+        write_meta(work, tok, counts, source=f"prepare/arithmetic.py --seed {seed}", fmt="chat")
     example = conversation(splits["train"][0])
     print("example:", example[0]["content"], "->",
           " ".join(p["text"] if p["type"] != "python_output" else f"[{p['text']}]" for p in example[1]["content"]))

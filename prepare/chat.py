@@ -1,15 +1,15 @@
 """
 Conversations -> chat token files: data/<name>/{train,val}.bin + {train,val}.mask.bin + meta.json ("format": "chat").
 
+    python prepare/chat.py alpaca --source=sample         # the 1,000 Alpaca records of the repository's sample
     python prepare/chat.py alpaca                         # Stanford Alpaca, 52K instructions (download)
-    python prepare/chat.py alpaca --source=../shared/data/alpaca/alpaca_data_1k.json
     python prepare/chat.py alpaca_cleaned                 # the cleaned Alpaca (yahma/gururise)
     python prepare/chat.py lima                           # LIMA, 1K curated conversations
     python prepare/chat.py dolly                          # Databricks Dolly-15k
     python prepare/chat.py smoltalk                       # SmolTalk (parquet: needs `pip install pyarrow`)
     python prepare/chat.py identity --model_name=nanollama --creator="Ada"   # who it is (prepare/identity.jsonl)
-    python prepare/chat.py mc --source=../shared/data     # ARC-Easy, ARC-Challenge, OpenBookQA: multiple choice
-    python prepare/chat.py gsm8k --source=../shared/data  # GSM8K with calculator tool calls
+    python prepare/chat.py mc --source=sample             # ARC-Easy, ARC-Challenge, OpenBookQA: multiple choice
+    python prepare/chat.py gsm8k --source=sample          # GSM8K with calculator tool calls
     python prepare/chat.py my_chats.jsonl --name=mine     # your own file (format detected, or --format)
 
 Your own files may hold, one conversation a record:
@@ -32,16 +32,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
-from prepare.common import (download, load_tokenizer, output_dir, read_json_records,  # noqa: E402
-                            split_train_val, write_chat_splits)
+from prepare.common import (download, load_tokenizer, local_source, output_dir, read_json_records,  # noqa: E402
+                            read_text, split_train_val, write_chat_splits)
 from prepare.tasks import load_task  # noqa: E402
 from tokenizer import check_conversation  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 dataset = ""  # alpaca, alpaca_cleaned, lima, dolly, smoltalk, mc, gsm8k, identity, or a file of conversations
 #               (the first argument: python prepare/chat.py alpaca)
-source = ""  # a local copy (a file, or a folder holding the files) or a mirror URL; empty = download.
-#              identity: another identity file; mc and gsm8k: a folder laid out like ../shared/data
+source = ""  # 'sample' (prepare/sample), a local copy (a file, or a folder holding the files) or a mirror URL;
+#              empty = download. identity: another identity file; mc and gsm8k: a folder laid out like the sample
 name = ""  # output folder name under data_dir; empty = the dataset's name (a file's name without its suffix)
 format = "auto"  # your own files: auto, json, chatml, qa or parquet
 val_fraction = 0.05  # held out for val where the source has no val split
@@ -188,7 +188,8 @@ def chatml_conversations(text, path="text"):
 def qa_conversations(text, path="text"):
     """(where, messages) of 'Q: ...' / 'A: ...' text: a blank line before a Q: starts a new conversation."""
     conversations, current, blank_before, start_line = [], [], False, 1
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and the like are not line ends
+        line = line.removesuffix("\r")
         tag = line[:2]
         if tag in ("Q:", "A:"):
             role = "user" if tag == "Q:" else "assistant"
@@ -259,7 +260,7 @@ def identity_conversations(path, model_name, creator):
 def detect_format(path):
     if path.endswith(".parquet"):
         return "parquet"
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # a bad byte is reported by the reader, with its line
         head = f.read(1 << 16)
     if not head.strip():
         raise ValueError(f"{path}: no conversations in it (the file is empty)")
@@ -286,8 +287,7 @@ def read_conversations(path, fmt="auto", skip_bad=False, counts=None):
     """[(line, messages)] of a file, each checked; a bad record is a ValueError naming path:line (or skipped)."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt in ("chatml", "qa"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
         items = chatml_conversations(text, path) if fmt == "chatml" else qa_conversations(text, path)
         pairs = [(where, lambda m=m: from_messages(m)) for where, m in items]
     elif fmt in ("json", "messages", "alpaca", "parquet"):
@@ -341,7 +341,7 @@ def task_conversations(name, source, tasks):
         # MMLU has no train split: its few-shot 'dev' examples train, its 'val' validates
         for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
             records = load_task(task, task_split, source)
-            if records is None:  # e.g. HellaSwag has no train split in ../shared/data: it only validates
+            if records is None:  # e.g. HellaSwag has no train split in the sample: it only validates
                 print(f"note: {task} has no {task_split} split" + (f" in {source}" if source else "") + f"; no {split} data from it")
                 continue
             splits[split] += [multiple_choice_messages(r) for r in records if r["answer"] >= 0]
@@ -360,14 +360,18 @@ def main():
         fail(f"{dataset!r}: one dataset at a time (each is its own folder; train.py --data=a,b mixes them)")
     is_file = dataset not in named
     source_name = name or (os.path.splitext(os.path.basename(dataset))[0] if is_file else dataset)
+    source_path = local_source(source)
+    if dataset in TASK_SOURCES and not os.path.isdir(source_path or "."):
+        fail(f"--source {source}: no such folder (mc and gsm8k read a folder laid out like prepare/sample)")
     tok = load_tokenizer(tokenizer)
+    folder = output_dir(out, data_dir, source_name)
 
     counts = {}
     try:
         if dataset in TASK_SOURCES:
-            splits = task_conversations(dataset, source, tasks)
+            splits = task_conversations(dataset, source_path, tasks)
         elif dataset == "identity":
-            path = source or os.path.join(REPO_PREPARE, "identity.jsonl")
+            path = source_path or os.path.join(REPO_PREPARE, "identity.jsonl")
             splits = {"train": []}
             for where, messages in identity_conversations(path, model_name, creator):
                 try:
@@ -378,7 +382,7 @@ def main():
         elif dataset in SOURCES:
             splits = {}
             for split in ("train", "val"):
-                path = source_file(dataset, split, source)
+                path = source_file(dataset, split, source_path)
                 if path:
                     splits[split] = read_conversations(path, "auto", skip_bad, counts)
         else:
@@ -393,8 +397,7 @@ def main():
         splits["train"] = splits["train"][:max_conversations]
     if counts.get("bad"):
         print(f"skipped {counts['bad']:,} malformed records (--skip_bad)")
-    write_chat_splits(output_dir(out, data_dir, source_name), tok, splits, source=source_name,
-                      num_proc=num_proc)
+    write_chat_splits(folder, tok, splits, source=source_name, num_proc=num_proc)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
 from data import TokenWriter, open_tokens, read_meta, write_meta  # noqa: E402
+from prepare.common import output_dir, written_aside  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
@@ -105,63 +106,63 @@ def main():
         fail(f"{first}/tokenizer.json does not match the tokenizer_sha256 in its meta.json")
     if os.path.abspath(out) in {os.path.abspath(os.path.join(data_dir, n)) for n in metas}:
         fail(f"--out {out} is one of the sources")
-    os.makedirs(out, exist_ok=True)
+    folder = output_dir(out, "", "")
 
-    rng = np.random.default_rng(seed)
-    split_counts, realized = {}, {}
-    for split in ("train", "val"):
-        spans, tokens, masks = {}, {}, {}
-        for name, _ in weights:
-            source_dir = os.path.join(data_dir, name)
-            try:
-                tokens[name] = open_tokens(source_dir, split, metas[name])
-                masks[name] = open_tokens(source_dir, split, metas[name], mask=True) if fmt == "chat" else None
-            except FileNotFoundError as e:
-                fail(str(e))
-            spans[name] = document_spans(tokens[name], tokenizer.bos_id, f"{source_dir}/{split}.bin")
-        available = {name: len(tokens[name]) for name in tokens}
-        if split == "train":
-            # --train_tokens, or the largest mix in which no source repeats a document
-            total_target = train_tokens or min(available[name] / w for name, w in weights)
-            train_fraction_used = total_target / sum(available.values())
-        else:
-            # val takes the same fraction of the val tokens as train took of the train tokens (the largest mix
-            # without repeats would shrink to nothing with a tiny source); a small source may repeat
-            total_target = min(1.0, train_fraction_used) * sum(available.values())
-        picks = []  # (source, document index)
-        taken = {}
-        for name, w in weights:
-            chosen, n_tokens = choose_documents(spans[name][1], w * total_target, rng)
-            if n_tokens > available[name]:
-                print(f"note: {name} {split}: {available[name]:,} tokens for a share of {w * total_target:,.0f}: "
-                      f"its documents repeat {n_tokens / available[name]:.1f} times")
-            picks += [(name, i) for i in chosen]
-            taken[name] = n_tokens
-        order = rng.permutation(len(picks))
-        writer = TokenWriter(out, split, tokenizer.vocab_size, with_mask=fmt == "chat")
-        bytes_per_token = {n: metas[n]["splits"][split]["bytes"] / max(metas[n]["splits"][split]["tokens"], 1)
-                           for n in metas}
-        n_bytes = {n: 0.0 for n in metas}
-        for k in order:
-            name, i = picks[k]
-            start, length = spans[name][0][i], spans[name][1][i]
-            # bytes per document are not stored: each document counts its source's average bytes per token
-            doc_bytes = length * bytes_per_token[name]
-            writer.add(tokens[name][start:start + length], round(doc_bytes),
-                       masks[name][start:start + length] if fmt == "chat" else None)
-        split_counts[split] = writer.close()
-        if split_counts[split]["documents"] == 0:
-            fail(f"the {split} mix is empty")
-        total = sum(taken.values())
-        realized[split] = {name: taken[name] / total for name, _ in weights}
-        print(f"{split}: {total:,} tokens, {split_counts[split]['documents']:,} documents")
-        for name, w in weights:
-            print(f"  {name:20s} asked {w:6.1%}  got {realized[split][name]:6.1%}  ({taken[name]:,} tokens)")
+    with written_aside(folder) as work:  # the folder is replaced whole at the end, never half-written
+        rng = np.random.default_rng(seed)
+        split_counts, realized = {}, {}
+        for split in ("train", "val"):
+            spans, tokens, masks = {}, {}, {}
+            for name, _ in weights:
+                source_dir = os.path.join(data_dir, name)
+                try:
+                    tokens[name] = open_tokens(source_dir, split, metas[name])
+                    masks[name] = open_tokens(source_dir, split, metas[name], mask=True) if fmt == "chat" else None
+                except FileNotFoundError as e:
+                    fail(str(e))
+                spans[name] = document_spans(tokens[name], tokenizer.bos_id, f"{source_dir}/{split}.bin")
+            available = {name: len(tokens[name]) for name in tokens}
+            if split == "train":
+                # --train_tokens, or the largest mix in which no source repeats a document
+                total_target = train_tokens or min(available[name] / w for name, w in weights)
+                train_fraction_used = total_target / sum(available.values())
+            else:
+                # val takes the same fraction of the val tokens as train took of the train tokens (the largest mix
+                # without repeats would shrink to nothing with a tiny source); a small source may repeat
+                total_target = min(1.0, train_fraction_used) * sum(available.values())
+            picks = []  # (source, document index)
+            taken = {}
+            for name, w in weights:
+                chosen, n_tokens = choose_documents(spans[name][1], w * total_target, rng)
+                if n_tokens > available[name]:
+                    print(f"note: {name} {split}: {available[name]:,} tokens for a share of {w * total_target:,.0f}: "
+                          f"its documents repeat {n_tokens / available[name]:.1f} times")
+                picks += [(name, i) for i in chosen]
+                taken[name] = n_tokens
+            order = rng.permutation(len(picks))
+            writer = TokenWriter(work, split, tokenizer.vocab_size, with_mask=fmt == "chat")
+            bytes_per_token = {n: metas[n]["splits"][split]["bytes"] / max(metas[n]["splits"][split]["tokens"], 1)
+                               for n in metas}
+            for k in order:
+                name, i = picks[k]
+                start, length = spans[name][0][i], spans[name][1][i]
+                # bytes per document are not stored: each document counts its source's average bytes per token
+                doc_bytes = length * bytes_per_token[name]
+                writer.add(tokens[name][start:start + length], round(doc_bytes),
+                           masks[name][start:start + length] if fmt == "chat" else None)
+            split_counts[split] = writer.close()
+            if split_counts[split]["documents"] == 0:
+                fail(f"the {split} mix is empty")
+            total = sum(taken.values())
+            realized[split] = {name: taken[name] / total for name, _ in weights}
+            print(f"{split}: {total:,} tokens, {split_counts[split]['documents']:,} documents")
+            for name, w in weights:
+                print(f"  {name:20s} asked {w:6.1%}  got {realized[split][name]:6.1%}  ({taken[name]:,} tokens)")
 
-    meta = write_meta(out, tokenizer, split_counts, source="mix: " + sources, fmt=fmt)
-    meta["mix"] = {"weights": dict(weights), "realized": realized, "seed": seed}
-    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+        meta = write_meta(work, tokenizer, split_counts, source="mix: " + sources, fmt=fmt)
+        meta["mix"] = {"weights": dict(weights), "realized": realized, "seed": seed}
+        with open(os.path.join(work, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
     print(f"wrote {out} ({fmt}); train.py: --data_dir={os.path.dirname(os.path.abspath(out))} "
           f"--data={os.path.basename(os.path.abspath(out))}")
 

@@ -4,12 +4,15 @@ Evaluation sets, normalized to the records of DESIGN.md, one JSONL file per task
     multiple choice: {"id", "question", "choices": [...], "answer": <index>}  (+ "context", "subject" where known)
     GSM8K:           {"id", "question", "answer": "<final number>", "solution": "..."}
 
+    python prepare/tasks.py --source=sample                   # the slices in the repository's sample
     python prepare/tasks.py                                   # all tasks, from the official sources
-    python prepare/tasks.py --source=../shared/data           # from a local copy laid out like ../shared/data
+    python prepare/tasks.py --source=path/to/copy             # a local copy laid out like prepare/sample
     python prepare/tasks.py --tasks=arc_easy,gsm8k --out=data/tasks
 
 Writes data/tasks/<task>/<split>.jsonl (splits: train, val, test and MMLU's dev; whichever the source has).
-eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT.
+eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT. A line ends
+at '\\n' only: U+2028, U+2029 and U+0085 inside the text are written as JSON escapes, so that no reader that
+splits lines the way str.splitlines does can cut a record in two.
 """
 
 import csv
@@ -24,11 +27,11 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
-from prepare.common import download  # noqa: E402
+from prepare.common import download, local_source, output_dir, read_text, written_aside  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k"  # comma-separated
-source = ""  # a local folder laid out like ../shared/data (or holding the official archives); empty = download
+source = ""  # 'sample' (prepare/sample), a folder laid out like it (or holding the official archives); empty = download
 out = "data/tasks"  # output folder: <out>/<task>/<split>.jsonl
 # -----------------------------------------------------------------------------------------------------
 
@@ -48,7 +51,7 @@ TASKS = ["openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag", "gsm8k"
 def read_jsonl_lines(text, source):
     """Parsed JSON objects of a JSONL text; a malformed line is an error that names source:line."""
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and the like are not line ends
         if not line.strip():
             continue
         try:
@@ -127,11 +130,6 @@ def parse_gsm8k(text, source):
 # where each task's files are: in a --source folder (its layout or the official archives') or downloaded
 
 
-def read_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 def archive_member(archive_path, suffix):
     """Text of the member of a .zip or .tar archive whose name ends with suffix."""
     if zipfile.is_zipfile(archive_path):
@@ -157,7 +155,7 @@ def find_file(source, candidates):
 
 def load_task(task, split, source=None):
     """
-    Normalized records of one task split. source: a folder laid out like ../shared/data or holding the
+    Normalized records of one task split. source: a folder laid out like prepare/sample or holding the
     official files; None downloads the official files. Returns None when the source lacks that split.
     """
     if split not in ("train", "val", "test", "dev"):
@@ -221,27 +219,54 @@ def load_task(task, split, source=None):
 
 def read_task_file(path):
     """Records of a normalized task file written by this script."""
-    with open(path, encoding="utf-8") as f:
-        return read_jsonl_lines(f.read(), path)
+    return read_jsonl_lines(read_text(path), path)
+
+
+# the characters other than '\\n' at which str.splitlines() ends a line and that json.dumps(ensure_ascii=False)
+# writes as they are (the control characters below U+0020 it escapes already)
+LINE_BREAKS_TO_ESCAPE = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(record):
+    """One JSONL line: readable UTF-8, with the line-breaking characters of other readers escaped."""
+    text = json.dumps(record, ensure_ascii=False)
+    for character, escape in LINE_BREAKS_TO_ESCAPE.items():
+        text = text.replace(character, escape)
+    return text + "\n"
 
 
 def main():
+    folder = local_source(source)
+    if folder and not os.path.isdir(folder):
+        fail(f"--source {source}: no such folder (expected 'sample' or a folder laid out like prepare/sample, see "
+             "its MANIFEST.md; empty downloads the official files)")
+    written = 0
     for task in tasks.split(","):
         if task not in TASKS:
             fail(f"--tasks: unknown task {task!r}; expected some of {', '.join(TASKS)}")
+        found = {}
         for split in ("train", "val", "test", "dev"):
             try:
-                records = load_task(task, split, source)
+                records = load_task(task, split, folder)
             except (OSError, ValueError, KeyError) as e:
                 fail(f"{task} {split}: {e}")
-            if not records:
-                continue
-            os.makedirs(os.path.join(out, task), exist_ok=True)
-            path = os.path.join(out, task, f"{split}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            print(f"{task:14s} {split:5s} {len(records):6d} records -> {path}")
+            if records:
+                found[split] = records
+        if not found:
+            print(f"{task:14s} no split of it in {folder}")
+            continue
+        task_dir = output_dir(os.path.join(out, task), "", "")
+        with written_aside(task_dir) as work:  # the task's folder is replaced whole, never half-written
+            for split, records in found.items():
+                with open(os.path.join(work, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+                    for record in records:
+                        f.write(json_line(record))
+        for split, records in found.items():
+            print(f"{task:14s} {split:5s} {len(records):6d} records -> {os.path.join(task_dir, split + '.jsonl')}")
+        written += 1
+    if not written:
+        fail(f"--source {source}: none of the tasks {tasks} has a file in it (see prepare/sample/MANIFEST.md for "
+             "the layout)")
 
 
 if __name__ == "__main__":

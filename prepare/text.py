@@ -49,20 +49,15 @@ def main():
             fail(f"{path}: the file is empty")
     source_name = name or os.path.splitext(os.path.basename(paths[0]))[0]
     tok = load_tokenizer(tokenizer)
-    cuts = []
-    for path in paths:
-        try:
-            cuts.append(split_point(path, doc_sep, val_fraction))
-        except UnicodeDecodeError as e:
-            fail(f"{path}: not UTF-8 text ({e})")
+    folder = output_dir(out, data_dir, source_name)
+    try:
+        cuts = [split_point(path, doc_sep, val_fraction) for path in paths]
+    except ValueError as e:  # not UTF-8: the message names the file and line
+        fail(str(e))
     splits = {"train": itertools.chain(*(read_documents(p, doc_sep, 0, c) for p, c in zip(paths, cuts))),
               "val": itertools.chain(*(read_documents(p, doc_sep, c) for p, c in zip(paths, cuts)))}
     total_bytes = sum(os.path.getsize(p) for p in paths)
-    try:
-        write_text_splits(output_dir(out, data_dir, source_name), tok, splits, source=source_name,
-                          num_proc=num_proc, total_bytes=total_bytes)
-    except UnicodeDecodeError as e:
-        fail(f"not UTF-8 text ({e})")
+    write_text_splits(folder, tok, splits, source=source_name, num_proc=num_proc, total_bytes=total_bytes)
 
 
 if __name__ == "__main__":

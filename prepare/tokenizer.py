@@ -1,13 +1,14 @@
 """
 Train the byte-level BPE tokenizer -> data/tokenizer.json (the file every other prepare/ script reads).
 
-    python prepare/tokenizer.py ../shared/data/tinystories/tiny_stories.txt --vocab_size=4096
-    python prepare/tokenizer.py tinystories --vocab_size=32768 --max_chars=100_000_000
+    python prepare/tokenizer.py prepare/sample/tinystories/tiny_stories.txt --vocab_size=4096
+    python prepare/tokenizer.py tinystories --vocab_size=32768 --max_chars=100_000_000    # fetches 100 MB of it
     python prepare/tokenizer.py my_notes/ books.txt chats.jsonl --vocab_size=8192 --out=data/my_tokenizer.json
 
 The sources (arguments, or --source=a,b,c) are text files, folders (their .txt/.raw/.md files and the text
-fields of .json/.jsonl files), or the name of a source this repository downloads: tinystories, tinyshakespeare,
-wikitext2, wikitext103 (their train split). Reading stops after --max_chars characters. The last part of what
+fields of .json/.jsonl files; 'sample' is the repository's sample folder), or the name of a source this
+repository downloads: tinystories, tinyshakespeare, wikitext2, wikitext103 (their train split; of TinyStories'
+2.2 GB only the first --max_chars bytes are fetched). Reading stops after --max_chars characters. The last part of what
 was read (5%, at most 2M characters) is held out: training never sees it, and the compression (bytes per token)
 is measured on it. Training is deterministic: the same text and vocab size give the same file, byte for byte.
 """
@@ -20,7 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import Progress, fail  # noqa: E402
 from configurator import configure  # noqa: E402
-from prepare.common import download, read_json_records  # noqa: E402
+from prepare.common import download, local_source, read_json_records  # noqa: E402
+from prepare.tinyshakespeare import SHA256 as TINYSHAKESPEARE_SHA256  # noqa: E402
 from prepare.wikitext import find_split_files as wikitext_split_files  # noqa: E402
 from tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, count_chunks, train_bpe  # noqa: E402
 
@@ -44,12 +46,15 @@ JSON_SUFFIXES = (".json", ".jsonl")
 BLOCK_CHARS = 1 << 20
 
 
-def source_files(source):
-    """The files to read for one --source entry."""
+def source_files(source, max_chars):
+    """The files to read for one --source entry (of a large download, only the first max_chars bytes)."""
     if source in NAMED_SOURCES:
         if source.startswith("wikitext"):
             return [wikitext_split_files(None, source[len("wikitext"):])["train"]]
-        return [download(NAMED_SOURCES[source])]
+        if source == "tinyshakespeare":
+            return [download(NAMED_SOURCES[source], TINYSHAKESPEARE_SHA256)]
+        return [download(NAMED_SOURCES[source], max_bytes=max_chars)]  # characters need at least as many bytes
+    source = local_source(source)
     if os.path.isdir(source):
         files = []
         for folder, _, names in sorted(os.walk(source)):
@@ -65,7 +70,7 @@ def source_files(source):
 def text_blocks(path):
     """~1 MB blocks of a text file, each cut after a line break followed by a non-space character, so that
     no regex chunk spans two blocks (the counts are those of the whole file)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         rest = ""
         for block in iter(lambda: f.read(BLOCK_CHARS), ""):
             text = rest + block
@@ -102,7 +107,7 @@ def read_texts(sources, max_chars):
     """Texts from every source in order, at most max_chars characters in all."""
     n = 0
     for source in sources:
-        for path in source_files(source):
+        for path in source_files(source, max_chars):
             texts = json_texts(path) if path.endswith(JSON_SUFFIXES) else text_blocks(path)
             for text in texts:
                 if n + len(text) > max_chars:
@@ -162,8 +167,12 @@ def main():
         print(f"note: the text has too few distinct pairs for {vocab_size:,} tokens; the vocabulary stopped "
               f"at {tokenizer.vocab_size:,} (give it more text)")
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tokenizer.save(out)
+    try:  # written aside, then renamed: an earlier tokenizer file is never left half-overwritten
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tokenizer.save(out + ".tmp")
+        os.replace(out + ".tmp", out)
+    except OSError as e:
+        fail(f"{out}: cannot write the tokenizer file there ({e.strerror}); choose another --out")
     heldout = "".join(heldout_texts)
     n_tokens = len(tokenizer.encode(heldout))
     longest = sorted(tokenizer.mergeable_ranks, key=len)[-5:]

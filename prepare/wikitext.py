@@ -5,6 +5,9 @@ WikiText-103 or WikiText-2 (the raw, untokenized text) -> data/wikitext103/ or d
     python prepare/wikitext.py --version=2                       # WikiText-2 raw (4.7 MB zip)
     python prepare/wikitext.py --version=2 --source=path/to/wikitext-2-raw      # a local copy (folder or zip)
 
+The sample (prepare/sample/wikitext-2) holds slices of the valid and test splits only, for tests; prepare a
+source from them with prepare/text.py.
+
 Each Wikipedia article (from its ' = Title = ' line) is one document starting with <|bos|>. The test split is
 written too, for evaluation. The files read are wiki.{train,valid,test}.raw (or the tokenized-form
 {train,valid,test}.txt / wiki.*.tokens, which contain <unk>: prefer raw).
@@ -17,7 +20,8 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
-from prepare.common import download, load_tokenizer, output_dir, read_documents, write_text_splits  # noqa: E402
+from prepare.common import (download, load_tokenizer, local_source, output_dir, read_documents,  # noqa: E402
+                            write_text_splits)
 
 # -----------------------------------------------------------------------------------------------------
 version = "103"  # '103' (WikiText-103) or '2' (WikiText-2)
@@ -60,14 +64,14 @@ def find_split_files(source, version):
                 found[split] = os.path.join(folder, name)
                 break
     if "train" not in found:
-        fail(f"{source}: no train split in it (looked for {', '.join(split_candidates('train'))}); "
-             "../shared/data/wikitext-2 holds only valid and test: download the full set or use prepare/text.py")
+        fail(f"{source}: no train split in it (looked for {', '.join(split_candidates('train'))}); a copy with "
+             "only valid and test splits (as the sample's) is for tests: download the full set, or use prepare/text.py")
     return found
 
 
 def articles(path):
     """The articles of a WikiText file: each begins at a ' = Title = ' line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # decoding errors are reported when tokenizing
         head = f.read(1 << 16)
     # copies with the blank lines removed cannot use the blank line before a title to tell it from an equation
     blank_lines = "\n \n" in head or "\n\n" in head or "\n \r\n" in head
@@ -78,14 +82,14 @@ def main():
     if version not in URLS:
         fail(f"--version={version}: expected 103 (WikiText-103) or 2 (WikiText-2)")
     tok = load_tokenizer(tokenizer)
+    folder = output_dir(out, data_dir, f"wikitext{version}")
     try:
-        files = find_split_files(source, version)
+        files = find_split_files(local_source(source), version)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         fail(str(e))
     total_bytes = sum(os.path.getsize(p) for p in files.values())
-    write_text_splits(output_dir(out, data_dir, f"wikitext{version}"), tok,
-                      {split: articles(path) for split, path in files.items()}, source=f"wikitext{version}",
-                      num_proc=num_proc, total_bytes=total_bytes)
+    write_text_splits(folder, tok, {split: articles(path) for split, path in files.items()},
+                      source=f"wikitext{version}", num_proc=num_proc, total_bytes=total_bytes)
 
 
 if __name__ == "__main__":

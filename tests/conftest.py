@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real datasets in ../shared/data, a small prepared source, and helpers to run stages."""
+"""Shared test fixtures: the repository's sample of real data, a small prepared source, and helpers to run stages."""
 
 import json
 import os
@@ -12,19 +12,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# real datasets (see ../shared/data/MANIFEST.md); NANOLLAMA_SHARED_DATA points elsewhere if needed
-SHARED_DATA = Path(os.environ.get("NANOLLAMA_SHARED_DATA", REPO.parent / "shared" / "data"))
+# real data: the sample in the repository (prepare/sample, see its MANIFEST.md for what each file holds), so that
+# a fresh clone tests offline. NANOLLAMA_DATA points the tests at another folder laid out the same way (a copy of
+# the sample); the counts the tests assert are the sample's.
+SAMPLE_DATA = Path(os.environ.get("NANOLLAMA_DATA") or REPO / "prepare" / "sample")
 
 from model import ModelArgs, Transformer  # noqa: E402
 from data import TokenWriter, write_meta  # noqa: E402
 from tokenizer import count_chunks, train_bpe  # noqa: E402
 
 
-def shared_file(relative):
-    path = SHARED_DATA / relative
+def sample_file(relative):
+    """A file of the sample (prepare/sample/<relative>)."""
+    path = SAMPLE_DATA / relative
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the tests read the real datasets in ../shared/data "
-                                "(or set NANOLLAMA_SHARED_DATA)")
+        where = "NANOLLAMA_DATA" if os.environ.get("NANOLLAMA_DATA") else "the repository's sample, prepare/sample"
+        raise FileNotFoundError(f"{path} not found: the tests read real data from {where} (see its MANIFEST.md)")
     return path
 
 
@@ -54,7 +57,7 @@ def prepare_text_source(out_dir, text, tokenizer, val_fraction=0.1, name="test")
 
 @pytest.fixture(scope="session")
 def shakespeare_tokenizer():
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     return train_bpe(count_chunks([text[:300_000]]), 512)
 
 
@@ -62,7 +65,7 @@ def shakespeare_tokenizer():
 def data_dir(tmp_path_factory, shakespeare_tokenizer):
     """A data_dir holding 'shakespeare': tiny shakespeare with a 512-token BPE tokenizer."""
     root = tmp_path_factory.mktemp("data")
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     prepare_text_source(root / "shakespeare", text, shakespeare_tokenizer, name="tinyshakespeare")
     return root
 
@@ -102,7 +105,7 @@ def prepare_chat_source(out_dir, splits, tokenizer, name="chat"):
 
 
 def alpaca_conversations(n, offset=0):
-    """n real Alpaca instruction/response pairs from ../shared/data as chat messages."""
-    records = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))[offset:offset + n]
+    """n real Alpaca instruction/response pairs from the sample as chat messages."""
+    records = json.loads(sample_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))[offset:offset + n]
     return [[{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
              {"role": "assistant", "content": r["output"]}] for r in records]

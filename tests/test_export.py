@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, random_model, run_stage, shared_file
+from conftest import REPO, TINY_TRAIN, random_model, run_stage, sample_file
 from checkpoint import load_checkpoint, save_checkpoint
 
 CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -119,7 +119,7 @@ def c_perplexity(binary, model_file, tokenizer_file, text_file):
 
 def test_int8_close_to_fp32(trained, run_binary):
     model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     val_text = text[-8000:]  # from the validation split (the last 10%)
     text_file = trained["root"] / "val.txt"
     text_file.write_text(val_text, encoding="utf-8")
@@ -150,11 +150,11 @@ def real_lines(n_per_source=250):
     """Non-empty lines of real text: stories, Wikipedia, instructions, and LIMA's answers (code, non-ASCII)."""
     lines = []
     for relative in ("tinystories/tinystories_val.txt", "wikitext-2/valid.txt"):
-        text = shared_file(relative).read_text(encoding="utf-8")
+        text = sample_file(relative).read_text(encoding="utf-8")
         lines += [line for line in text.splitlines() if line.strip()][:n_per_source]
-    alpaca = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
+    alpaca = json.loads(sample_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
     lines += [line for r in alpaca for line in r["output"].splitlines() if line.strip()][:n_per_source]
-    lima = json.loads(shared_file("lima/lima.json").read_text(encoding="utf-8"))
+    lima = json.loads(sample_file("lima/lima.json").read_text(encoding="utf-8"))
     lima_lines = [line for r in lima for line in (r["instruction"] + "\n" + r["output"]).splitlines() if line.strip()]
     lines += [line for line in lima_lines if not line.isascii()][:n_per_source // 2]
     lines += [line for line in lima_lines if line.isascii()][:n_per_source // 2]
@@ -212,7 +212,7 @@ def test_prompt_in_blocks_matches_token_by_token_and_pytorch(trained, run_binary
     time (-b 1, the generation path) and as PyTorch, for blocks that fill the prompt exactly and ragged ones, fp32
     and int8, one thread and two; the greedy tokens after it are the same."""
     model, tokenizer, _ = load_checkpoint(str(trained["ckpt"]))
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[-3000:]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[-3000:]
     prompt = text[:text.index("\n", 280)]  # ~150 tokens: several blocks of 7 and 64, a ragged last one
     prompt_ids = tokenizer.encode(prompt, bos=True)
     assert 130 <= len(prompt_ids) <= 200 and len(prompt_ids) % 7 and len(prompt_ids) % 64

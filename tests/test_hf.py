@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_stage, read_log, shared_file
+from conftest import REPO, run_stage, read_log, sample_file
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (.ci/run installs it)")
 tokenizers = pytest.importorskip("tokenizers")
@@ -41,8 +41,8 @@ CONVERSATION = [{"role": "user", "content": "Hello there, what is 12 + 7?"},
 
 def real_lines(n):
     """n real lines of TinyStories, WikiText-2 and Shakespeare, plus a few hard cases for the pre-split."""
-    stories = shared_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8").splitlines()
-    wiki = shared_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines()
+    stories = sample_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8").splitlines()
+    wiki = sample_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines()
     # the stories' '<|endoftext|>' separator lines are left out: Hugging Face encodes special-token text as the
     # special token, tokenizer.encode as plain text (on purpose: text in a document never becomes a control token)
     keep = lambda lines: [line for line in lines if line.strip() and "<|endoftext|>" not in line]
@@ -66,7 +66,7 @@ def build_hf_tokenizer(folder, style, specials, template, vocab_size=700, specia
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:4000]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:4000]
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text, trainer)
@@ -143,7 +143,7 @@ def test_imported_tokenizer_encodes_like_hugging_face(tmp_path, style):
 def test_import_gives_the_logits_of_transformers(llama_folder):
     folder, reference = llama_folder
     model, tokenizer, checkpoint = load_checkpoint(f"hf:{folder}")
-    text = shared_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8")[:4000].replace("<|endoftext|>", "")
+    text = sample_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8")[:4000].replace("<|endoftext|>", "")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer.encode(text)[:500]
     assert ids == hf_tokenizer(text, add_special_tokens=False)["input_ids"][:500]
@@ -164,7 +164,7 @@ def test_llama3_rope_scaling_and_chat_format(tmp_path):
     reference = build_hf_model(tmp_path, "llama", tie_word_embeddings=True, rope_scaling=scaling)
     model, tokenizer, _ = load_checkpoint(f"hf:{tmp_path}")
     assert model.args.rope_scaling == 8.0 and tokenizer.chat_format == "llama3"
-    ids = tokenizer.encode(shared_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:3000])[:400]
+    ids = tokenizer.encode(sample_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:3000])[:400]
     assert (hf_logits(reference, ids) - our_logits(model, ids)).abs().max().item() < 1e-5
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     expected = hf_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True)
@@ -182,7 +182,7 @@ def test_qwen2_attention_biases_round_trip(tmp_path):
     reference = build_hf_model(source, "qwen2", tie_word_embeddings=True)
     model, tokenizer, _ = load_checkpoint(f"hf:{source}")
     assert model.args.attention_bias
-    ids = tokenizer.encode(shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:3000])[:300]
+    ids = tokenizer.encode(sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:3000])[:300]
     expected = hf_logits(reference, ids)
     assert (expected - our_logits(model, ids)).abs().max().item() < 1e-5
 

@@ -1,18 +1,27 @@
-"""prepare/: every parser on its real file in ../shared/data (record counts from MANIFEST.md), hand-written records
-for the sources with no copy there, chat conversion and masks, mixing by weight, and bad input."""
+"""prepare/: every parser on its real file in the repository's sample (record counts from its MANIFEST.md),
+hand-written records for the sources with no copy there, chat conversion and masks, mixing by weight, downloads
+(against a local HTTP server), output folders replaced whole, and bad input."""
 
+import errno
+import hashlib
+import http.server
 import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import prepare.common as common
-from conftest import prepare_text_source, run_stage, shared_file
+from conftest import REPO, SAMPLE_DATA, prepare_text_source, run_stage, sample_file
 from prepare.chat import (chatml_conversations, gsm8k_messages, identity_conversations, multiple_choice_messages,
                           qa_conversations, read_conversations, to_messages)
 from data import TokenWriter, open_tokens, read_meta
 from prepare.common import read_documents, split_train_val
-from prepare.tasks import load_task
+from prepare.tasks import load_task, read_task_file
 from prepare.tinystories import stories
 from prepare.wikitext import articles
 from tokenizer import Tokenizer, check_conversation
@@ -26,18 +35,18 @@ def tokenizer_file(tmp_path_factory, shakespeare_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# every real file in ../shared/data, with the record counts of its MANIFEST.md
+# every real file in the sample, with the record counts of its MANIFEST.md
 
 
 @pytest.mark.parametrize("task, split, count", [
-    ("openbookqa", "train", 4957), ("openbookqa", "val", 500),
-    ("arc_easy", "train", 2251), ("arc_easy", "val", 570),
-    ("arc_challenge", "train", 1119), ("arc_challenge", "val", 299),
-    ("mmlu", "dev", 285), ("mmlu", "val", 1531), ("mmlu", "test", 14042),
-    ("hellaswag", "val", 1000), ("gsm8k", "train", 7473),
+    ("openbookqa", "train", 300), ("openbookqa", "val", 300),
+    ("arc_easy", "train", 200), ("arc_easy", "val", 300),
+    ("arc_challenge", "train", 100), ("arc_challenge", "val", 299),
+    ("mmlu", "dev", 285), ("mmlu", "val", 5 * 57), ("mmlu", "test", 3 * 57),
+    ("hellaswag", "val", 100), ("gsm8k", "train", 300),
 ])
 def test_evaluation_sets_have_the_manifest_counts(task, split, count):
-    records = load_task(task, split, str(shared_file(".")))
+    records = load_task(task, split, str(sample_file(".")))
     assert len(records) == count
     for r in records[:50]:
         if task == "gsm8k":
@@ -47,25 +56,25 @@ def test_evaluation_sets_have_the_manifest_counts(task, split, count):
 
 
 @pytest.mark.parametrize("relative, count", [
-    ("alpaca/alpaca_data_1k.json", 1000), ("alpaca/seed_tasks.jsonl", 175),
-    ("alpaca_cleaned/alpaca_train.json", 4900), ("alpaca_cleaned/alpaca_eval.json", 100),
-    ("lima/lima.json", 1029),
+    ("alpaca/alpaca_data_1k.json", 1000), ("alpaca/seed_tasks.jsonl", 20),
+    ("alpaca_cleaned/alpaca_train.json", 100), ("alpaca_cleaned/alpaca_eval.json", 20),
+    ("lima/lima.json", 45),
 ])
 def test_conversation_files_have_the_manifest_counts(relative, count):
-    conversations = read_conversations(str(shared_file(relative)))
+    conversations = read_conversations(str(sample_file(relative)))
     assert len(conversations) == count
     for messages in conversations:
         check_conversation(messages)
 
 
 def test_lima_multi_turn_records_keep_their_history():
-    conversations = read_conversations(str(shared_file("lima/lima.json")))
-    assert sum(len(m) > 2 for m in conversations) == 29  # MANIFEST: 29 records are multi-turn
+    conversations = read_conversations(str(sample_file("lima/lima.json")))
+    assert sum(len(m) > 2 for m in conversations) == 5  # MANIFEST: 5 records are multi-turn
 
 
 def test_tinystories_files():
-    assert len(list(stories(str(shared_file("tinystories/tinystories_val.txt"))))) == 1000  # '<|endoftext|>'-separated
-    path = shared_file("tinystories/tiny_stories.txt")
+    assert len(list(stories(str(sample_file("tinystories/tinystories_val.txt"))))) == 1000  # '<|endoftext|>'-separated
+    path = sample_file("tinystories/tiny_stories.txt")
     text = path.read_text(encoding="utf-8")
     assert len(text.splitlines()) == 10426  # MANIFEST: records = lines
     found = list(stories(str(path)))
@@ -75,23 +84,24 @@ def test_tinystories_files():
 
 
 def test_wikitext_files_split_into_articles():
-    assert len(list(articles(str(shared_file("wikitext-2/valid.txt"))))) == 60  # MANIFEST: 60 articles
-    assert len(list(articles(str(shared_file("wikitext-2/test.txt"))))) == 60
-    raw = list(articles(str(shared_file("wikitext-2/wiki.test.raw"))))
+    assert len(list(articles(str(sample_file("wikitext-2/valid.txt"))))) == 8  # MANIFEST: 8 articles
+    assert len(list(articles(str(sample_file("wikitext-2/test.txt"))))) == 2
+    raw = list(articles(str(sample_file("wikitext-2/wiki.test.raw"))))
     assert raw[0].startswith("= Robert Boulter =")
-    assert len(shared_file("wikitext-2/wiki.test.raw").read_text(encoding="utf-8").splitlines()) == 2891
-    # this copy dropped the blank lines that tell a title from an equation line: 2 equations count as titles
-    assert len(raw) == 62
+    assert len(sample_file("wikitext-2/wiki.test.raw").read_text(encoding="utf-8").splitlines()) == 120
+    # this copy dropped the blank lines that tell a title from an equation line: of its 3 articles, the third
+    # has 2 equations that count as titles
+    assert len(raw) == 5 and raw[3].startswith("= 1 rad / s")
 
 
 def test_tinyshakespeare_prepares_with_the_manifest_size(tokenizer_file, tmp_path):
     out = tmp_path / "tinyshakespeare"
-    run_stage("prepare/tinyshakespeare.py", "--source", shared_file("tinyshakespeare"), "--tokenizer", tokenizer_file,
+    run_stage("prepare/tinyshakespeare.py", "--source", sample_file("tinyshakespeare"), "--tokenizer", tokenizer_file,
               "--out", out, "--num_proc", "1")
     meta = read_meta(str(out))
     assert meta["format"] == "text" and meta["dtype"] == "uint16"
     splits = meta["splits"]
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     assert len(text.splitlines()) == 40000
     assert abs(splits["train"]["bytes"] + splits["val"]["bytes"] - 1_115_394) < 10  # only edge whitespace dropped
     assert 0.09 < splits["val"]["bytes"] / 1_115_394 < 0.11
@@ -104,13 +114,13 @@ def test_tinyshakespeare_prepares_with_the_manifest_size(tokenizer_file, tmp_pat
 def test_tinystories_byte_caps_keep_the_first_whole_lines(tokenizer_file, tmp_path):
     # speedrun.sh's presets tokenize only the start of TinyStories (the CPU preset: 20 MB of the 2.2 GB file)
     out = tmp_path / "ts"
-    run_stage("prepare/tinystories.py", f"--source={shared_file('tinystories')}", f"--tokenizer={tokenizer_file}",
+    run_stage("prepare/tinystories.py", "--source=sample", f"--tokenizer={tokenizer_file}",  # prepare/sample
               f"--out={out}", "--max_train_bytes=50_000", "--max_val_bytes=20_000", "--num_proc=1")
     meta = read_meta(str(out))
     assert 45_000 < meta["splits"]["train"]["bytes"] <= 50_000
     assert 15_000 < meta["splits"]["val"]["bytes"] <= 20_000
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    first_story = next(stories(str(shared_file("tinystories/tiny_stories.txt"))))
+    first_story = next(stories(str(sample_file("tinystories/tiny_stories.txt"))))
     assert tok.decode(open_tokens(str(out), "train", meta)[:400].tolist()).startswith(f"<|bos|>{first_story}")
 
 
@@ -123,7 +133,7 @@ def test_byte_cap_counts_bytes_and_cuts_after_a_line_break(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# sources with no copy in ../shared/data: a few records written by hand in the official format
+# sources with no copy in the sample: a few records written by hand in the official format
 
 
 def test_dolly_records(tmp_path):
@@ -185,7 +195,7 @@ def test_chatml_and_qa_text(tmp_path):
 
 
 def test_gsm8k_annotations_become_calculator_calls(shakespeare_tokenizer):
-    record = load_task("gsm8k", "train", str(shared_file(".")))[0]
+    record = load_task("gsm8k", "train", str(sample_file(".")))[0]
     messages = gsm8k_messages(record)
     parts = messages[1]["content"]
     assert parts[:3] == [{"type": "text", "text": "Natalia sold 48/2 = "}, {"type": "python", "text": "48/2"},
@@ -200,7 +210,7 @@ def test_gsm8k_annotations_become_calculator_calls(shakespeare_tokenizer):
 
 
 def test_multiple_choice_as_chat():
-    record = load_task("arc_easy", "val", str(shared_file(".")))[0]
+    record = load_task("arc_easy", "val", str(sample_file(".")))[0]
     user, assistant = multiple_choice_messages(record)
     assert "A. cellular telephone" in user["content"] and assistant["content"] == "ABCDE"[record["answer"]]
     record = {"question": "Q?", "choices": ["x", "y"], "answer": 1, "context": "A fact."}
@@ -230,7 +240,7 @@ def test_record_formats_are_detected():
 
 
 def test_prepare_chat_alpaca_end_to_end(tokenizer_file, tmp_path):
-    result = run_stage("prepare/chat.py", "alpaca", "--source", shared_file("alpaca/alpaca_data_1k.json"),
+    result = run_stage("prepare/chat.py", "alpaca", "--source", sample_file("alpaca/alpaca_data_1k.json"),
                        "--tokenizer", tokenizer_file, "--data_dir", tmp_path, "--val_count", "40", "--num_proc", "2")
     assert "960 conversations" in result.stdout and "40 conversations" in result.stdout
     out = tmp_path / "alpaca"
@@ -242,7 +252,7 @@ def test_prepare_chat_alpaca_end_to_end(tokenizer_file, tmp_path):
     # the trained tokens are exactly the assistant's: each conversation's mask, rendered again, matches
     starts = np.append(np.flatnonzero(tokens == tok.bos_id), len(tokens))
     assert len(starts) - 1 == 960
-    ids, expected_mask = tok.render_conversation(read_conversations(str(shared_file("alpaca/alpaca_data_1k.json")))[0])
+    ids, expected_mask = tok.render_conversation(read_conversations(str(sample_file("alpaca/alpaca_data_1k.json")))[0])
     assert tokens[:starts[1]].tolist() == ids and mask[:starts[1]].tolist() == expected_mask
 
 
@@ -268,7 +278,7 @@ def test_empty_source_and_missing_tokenizer_are_errors(tokenizer_file, tmp_path)
     blank.write_text("\n\n")
     result = run_stage("prepare/chat.py", blank, "--tokenizer", tokenizer_file, "--data_dir", tmp_path, check=False)
     assert result.returncode == 1 and "no conversations" in result.stderr
-    result = run_stage("prepare/tinyshakespeare.py", "--source", shared_file("tinyshakespeare"),
+    result = run_stage("prepare/tinyshakespeare.py", "--source", sample_file("tinyshakespeare"),
                        "--tokenizer", tmp_path / "nope.json", "--data_dir", tmp_path, check=False)
     assert result.returncode == 1 and "prepare/tokenizer.py" in result.stderr
 
@@ -297,14 +307,14 @@ def test_val_split_is_seeded():
 
 
 def test_streaming_reads_give_the_same_documents_and_tokens(shakespeare_tokenizer, monkeypatch):
-    path = str(shared_file("tinystories/tinystories_val.txt"))
+    path = str(sample_file("tinystories/tinystories_val.txt"))
     assert list(read_documents(path, "<|endoftext|>", block_chars=4096)) == list(read_documents(path, "<|endoftext|>"))
     # one 1 MB document read in 50 KB pieces: the pieces' tokens are the whole document's tokens
     monkeypatch.setattr(common, "MAX_PIECE_CHARS", 50_000)
-    shakespeare = str(shared_file("tinyshakespeare/input.txt"))
+    shakespeare = str(sample_file("tinyshakespeare/input.txt"))
     pieces = list(read_documents(shakespeare, "file", block_chars=20_000))
     assert len(pieces) > 10 and [starts for _, starts in pieces] == [True] + [False] * (len(pieces) - 1)
-    whole = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").strip()
+    whole = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").strip()
     assert "".join(p for p, _ in pieces) == whole
     tok = shakespeare_tokenizer
     assert [i for p, _ in pieces for i in tok.encode(p)] == tok.encode(whole)
@@ -312,7 +322,7 @@ def test_streaming_reads_give_the_same_documents_and_tokens(shakespeare_tokenize
 
 def test_tokenizer_script_and_text_script(tmp_path):
     source = tmp_path / "corpus.txt"
-    source.write_text(shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:150_000])
+    source.write_text(sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:150_000])
     out = tmp_path / "tok.json"
     result = run_stage("prepare/tokenizer.py", "--source", source, "--vocab_size", "400", "--out", out, "--num_proc", "1")
     assert "bytes/token" in result.stdout and Tokenizer.from_file(str(out)).vocab_size == 400
@@ -367,3 +377,325 @@ def test_mix_refuses_different_tokenizers(shakespeare_tokenizer, tmp_path):
     prepare_text_source(tmp_path / "bytes", "some text\n" * 200, Tokenizer.byte_level(), name="bytes")
     result = run_stage("prepare/mix.py", "--out", tmp_path / "mix", "--data_dir", tmp_path, "a:1", "bytes:1", check=False)
     assert result.returncode == 1 and "different tokenizers" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sample itself, and no test (or default) reading data from outside the repository
+
+
+def manifest_rows():
+    """(relative path, bytes, sha256) of every file the sample's MANIFEST.md lists."""
+    rows = []
+    for line in (SAMPLE_DATA / "MANIFEST.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            rows.append((cells[0], int(cells[3].replace(",", "")), cells[4]))
+    return rows
+
+
+def test_the_sample_is_what_its_manifest_says():
+    rows = manifest_rows()
+    on_disk = {p.relative_to(SAMPLE_DATA).as_posix() for p in SAMPLE_DATA.rglob("*") if p.is_file()}
+    assert on_disk - {"MANIFEST.md"} == {relative for relative, _, _ in rows}
+    for relative, size, digest in rows:
+        data = (SAMPLE_DATA / relative).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == digest, f"{relative} differs from MANIFEST.md"
+    assert sum(size for _, size, _ in rows) < 5_000_000  # small enough to live in the repository
+
+
+def test_nothing_reads_data_from_beside_the_repository():
+    # a fresh clone has no larger copy of the data beside it: a test or a default that reads it works here and fails for users
+    outside = ["../" + "shared", "shared" + "/data", "SHARED" + "_DATA", "NANOLLAMA_" + "SHARED"]
+    files = sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "prepare").glob("*.py")) + \
+        sorted((REPO / "config" / "speedrun").glob("*/*.py")) + [REPO / "speedrun.sh"]
+    for path in files:
+        found = [word for word in outside if word in path.read_text(encoding="utf-8")]
+        assert not found, f"{path.relative_to(REPO)} names {found}; read real data from prepare/sample (sample_file)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# downloads, against a local HTTP server: only the start a preset reads, resumed, checked, one line offline
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """
+    (base URL, folder it serves, log) of an HTTP server on 127.0.0.1 that honours Range requests, as the dataset
+    hosts do (Python's own handler does not). log holds each request's Range header and the bytes sent; with
+    log["honour_range"] = False it ignores Range, as some mirrors do.
+    """
+    root = tmp_path / "served"
+    root.mkdir()
+    log = {"ranges": [], "sent": 0, "honour_range": True}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = root / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            wanted = self.headers.get("Range")
+            log["ranges"].append(wanted)
+            start, end = 0, len(data)
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted or "")
+            if match and log["honour_range"]:
+                start = int(match.group(1))
+                end = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            try:
+                self.wfile.write(data[start:end])
+                log["sent"] += end - start
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading: a byte cap on a stream
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, log
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_start_of_a_file_is_all_that_is_fetched_and_it_resumes(file_server, tmp_path):
+    url, root, log = file_server
+    text = "".join(f"story {i}: caf\u00e9 \u00fcber na\u00efve {'x' * (i % 50)}\n" for i in range(3000))
+    whole = text.encode("utf-8")
+    (root / "stories.txt").write_bytes(whole)
+    cache = str(tmp_path / "cache")
+    path = common.download(f"{url}/stories.txt", max_bytes=10_000, cache_dir=cache)
+    start = Path(path).read_bytes()
+    assert log["ranges"] == ["bytes=0-9999"] and log["sent"] == 10_000  # 10 KB of the file's 190 KB
+    assert 9_900 < len(start) <= 10_000 and start.endswith(b"\n") and whole.startswith(start)  # whole lines
+    # the same start or a shorter one: from the cache; a longer one: only the bytes after what is cached
+    assert common.download(f"{url}/stories.txt", max_bytes=5_000, cache_dir=cache) == path
+    assert len(log["ranges"]) == 1
+    longer = Path(common.download(f"{url}/stories.txt", max_bytes=30_000, cache_dir=cache)).read_bytes()
+    assert log["ranges"][-1] == f"bytes={len(start)}-29999" and whole.startswith(longer) and len(longer) > 29_900
+    # an interrupted fetch (its .part file) goes on from where it stopped
+    Path(cache, "stories.txt.first-60000.part").write_bytes(whole[:41_000])
+    resumed = Path(common.download(f"{url}/stories.txt", max_bytes=60_000, cache_dir=cache)).read_bytes()
+    assert log["ranges"][-1] == "bytes=41000-59999" and whole.startswith(resumed) and len(resumed) > 59_900
+    # a server that ignores Range: the stream is cut at the cap
+    log["honour_range"] = False
+    plain = Path(common.download(f"{url}/stories.txt", max_bytes=10_000, cache_dir=str(tmp_path / "c2"))).read_bytes()
+    assert plain == start
+
+
+def test_a_whole_file_download_resumes_and_is_checked(file_server, tmp_path):
+    url, root, log = file_server
+    data = bytes(range(256)) * 1000
+    (root / "archive.zip").write_bytes(data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "archive.zip.part").write_bytes(data[:123_456])  # an interrupted download
+    path = common.download(f"{url}/archive.zip", sha256=hashlib.sha256(data).hexdigest(), cache_dir=str(cache))
+    assert Path(path).read_bytes() == data and os.listdir(cache) == ["archive.zip"]
+    assert log["ranges"] == ["bytes=123456-"] and log["sent"] == len(data) - 123_456
+    assert common.download(f"{url}/archive.zip", cache_dir=str(cache)) == path and len(log["ranges"]) == 1
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        common.download(f"{url}/archive.zip", sha256="0" * 64, cache_dir=str(other))
+    assert os.listdir(other) == []  # nothing left that a later run could take for the file
+
+
+def test_preparing_from_a_url_fetches_only_the_bytes_it_tokenizes(file_server, tokenizer_file, tmp_path):
+    url, root, log = file_server
+    (root / "TinyStoriesV2-GPT4-train.txt").write_bytes(sample_file("tinystories/tiny_stories.txt").read_bytes())
+    out = tmp_path / "ts"
+    run_stage("prepare/tinystories.py", f"--source={url}/TinyStoriesV2-GPT4-train.txt", f"--tokenizer={tokenizer_file}",
+              f"--out={out}", "--max_train_bytes=50_000", "--val_fraction=0.1", "--num_proc=1",
+              env={"NANOLLAMA_CACHE": str(tmp_path / "c")})
+    assert log["ranges"] == ["bytes=0-49999"] and log["sent"] == 50_000  # of 944 KB
+    meta = read_meta(str(out))
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] <= 50_000
+
+
+def test_offline_is_one_line_that_names_source(tokenizer_file, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_stage("prepare/tinystories.py", f"--source=http://127.0.0.1:{port}/TinyStoriesV2-GPT4-train.txt",
+                       f"--tokenizer={tokenizer_file}", f"--data_dir={tmp_path}", "--max_train_bytes=20_000_000",
+                       check=False, env={"NANOLLAMA_CACHE": str(tmp_path / "cache")})
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last.startswith("error: download of http://127.0.0.1") and "--source" in last
+
+
+@pytest.mark.parametrize("command", [
+    ["prepare/tinystories.py", "--tokenizer={tok}", "--data_dir={tmp}"],
+    ["prepare/tinyshakespeare.py", "--tokenizer={tok}", "--data_dir={tmp}"],
+    ["prepare/wikitext.py", "--tokenizer={tok}", "--data_dir={tmp}"],
+    ["prepare/chat.py", "alpaca", "--tokenizer={tok}", "--data_dir={tmp}"],
+    ["prepare/chat.py", "mc", "--tokenizer={tok}", "--data_dir={tmp}"],
+    ["prepare/tasks.py", "--out={tmp}/tasks"],
+    ["prepare/tokenizer.py", "--out={tmp}/tokenizer.json"],
+], ids=lambda command: " ".join(command[:2]))
+def test_a_missing_source_is_one_line(command, tokenizer_file, tmp_path):
+    args = [arg.format(tok=tokenizer_file, tmp=tmp_path) for arg in command[1:]]
+    result = run_stage(command[0], *args, "--source=/no/such/folder", check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "unknown url type" not in result.stderr
+    assert last.startswith("error: ") and "/no/such/folder" in last
+
+
+# ----------------------------------------------------------------------------------------------------
+# output folders are written aside and swapped in whole (issue 20): a failure never mixes new and old files
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_a_failure_while_writing_leaves_the_old_folder_as_it_was(shakespeare_tokenizer, tmp_path, capsys):
+    out = tmp_path / "data" / "notes"
+    common.write_text_splits(str(out), shakespeare_tokenizer, {"train": ["To be.", "Or not."], "val": ["That."]},
+                             source="notes")
+    before = folder_bytes(out)
+
+    def disk_full_after_one_document():
+        yield "A new document."
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SystemExit):
+        common.write_text_splits(str(out), shakespeare_tokenizer, {"train": ["New train text."] * 3,
+                                                                   "val": disk_full_after_one_document()},
+                                 source="notes")
+    assert folder_bytes(out) == before  # the old train.bin, val.bin and meta.json, nothing else
+    assert os.listdir(out.parent) == ["notes"]  # no half-written folder left beside it
+    assert "No space left on device while writing" in capsys.readouterr().err
+
+
+def test_input_too_small_for_a_val_split_leaves_the_old_folder(tokenizer_file, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"Paragraph {i} of a good notes file." for i in range(200)))
+    args = [notes, "--doc_sep=blank", f"--tokenizer={tokenizer_file}", f"--data_dir={tmp_path / 'data'}"]
+    run_stage("prepare/text.py", *args)
+    before = folder_bytes(tmp_path / "data" / "notes")
+    notes.write_text("One short paragraph.\n\nAnd a second, longer one that holds the last tenth of the text.")
+    result = run_stage("prepare/text.py", *args, check=False)
+    assert result.returncode == 1 and "the val split is empty" in result.stderr and "Traceback" not in result.stderr
+    assert folder_bytes(tmp_path / "data" / "notes") == before and os.listdir(tmp_path / "data") == ["notes"]
+
+
+def test_left_overs_of_runs_that_died_are_cleaned_up(tmp_path):
+    dead = 999_999_999  # above any process id Linux or macOS hands out
+    half = tmp_path / f"notes.tmp-{dead}"  # a run that died while writing
+    half.mkdir()
+    (half / "train.bin").write_bytes(b"half")
+    old = tmp_path / f"other.old-{dead}"  # a run that died between its two renames: the only good copy
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    (tmp_path / "notes.tmp-1").mkdir()  # process 1 runs: its folder is left alone
+    common.clean_stale_folders(str(tmp_path / "notes"))
+    common.clean_stale_folders(str(tmp_path / "other"))
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp-1", "other"] and (tmp_path / "other" / "meta.json").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tokenizer_file, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: a file in the way fails the same way
+        locked.chmod(0o700)
+        locked.rmdir()
+        locked.write_text("a file where a folder should be")
+    for script, args in [("prepare/tinyshakespeare.py", ["--source=sample", f"--tokenizer={tokenizer_file}",
+                                                         f"--data_dir={locked}"]),
+                         ("prepare/tasks.py", ["--source=sample", "--tasks=arc_challenge", f"--out={locked}/tasks"]),
+                         ("prepare/tokenizer.py", [notes_file(tmp_path), "--vocab_size=300", f"--out={locked}/t.json"])]:
+        result = run_stage(script, *args, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, f"{script}: {result.stderr[-2000:]}"
+        assert "cannot write" in result.stderr.strip().splitlines()[-1], script
+
+
+def notes_file(folder):
+    path = Path(folder) / "notes.txt"
+    path.write_text("Some notes to train a tokenizer on.\n" * 50)
+    return path
+
+
+def test_a_folder_holding_other_files_is_not_replaced(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(SystemExit):
+        common.output_dir(str(tmp_path / "mine"), "", "")
+    assert "thesis.tex" in capsys.readouterr().err and (tmp_path / "mine" / "thesis.tex").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# characters that break lines elsewhere, invalid UTF-8, byte-order marks (issue 20)
+
+LINE_BREAKERS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # str.splitlines() ends a line at each of these
+
+
+def test_task_files_round_trip_characters_that_break_lines(tmp_path):
+    source = tmp_path / "copy"
+    (source / "gsm8k").mkdir(parents=True)
+    (source / "mmlu" / "val").mkdir(parents=True)
+    problems = [{"question": f"Tom has 2{c}apples and 3 pears. How many?", "answer": f"2+3=<<2+3=5>>5{c}\n#### 5"}
+                for c in LINE_BREAKERS]
+    with open(source / "gsm8k" / "train.jsonl", "w", encoding="utf-8") as f:  # raw, as json.dumps leaves them
+        f.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
+    (source / "mmlu" / "val" / "demo_val.csv").write_text(
+        "".join(f'"Which{c}one?",a,b,c,d,B\n' for c in LINE_BREAKERS), encoding="utf-8")
+    out = tmp_path / "tasks"
+    run_stage("prepare/tasks.py", f"--source={source}", "--tasks=gsm8k,mmlu", f"--out={out}")
+    import eval as ev  # eval.py reads the task files through prepare/tasks.py
+    for task, split, n in (("gsm8k", "train", len(LINE_BREAKERS)), ("mmlu", "val", len(LINE_BREAKERS))):
+        text = (out / task / f"{split}.jsonl").read_text(encoding="utf-8")
+        assert len(text.splitlines()) == n  # no line of the file breaks anywhere else
+        records = read_task_file(str(out / task / f"{split}.jsonl"))
+        assert records == ev.load_records(task, split, str(out), "") and len(records) == n
+        questions = [r["question"] for r in records]
+        assert all(c in q for c, q in zip(LINE_BREAKERS, questions))
+
+
+def test_invalid_utf8_in_conversations_names_file_and_line(tokenizer_file, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    path.write_bytes(("\n".join([good, good]) + "\n").encode() + b'{"messages": "caf\xe9"}\n' +
+                     ("\n".join([good] * 20) + "\n").encode())
+    result = run_stage("prepare/chat.py", path, f"--tokenizer={tokenizer_file}", f"--data_dir={tmp_path}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{path}:3: not UTF-8" in result.stderr
+    result = run_stage("prepare/chat.py", path, f"--tokenizer={tokenizer_file}", f"--data_dir={tmp_path}",
+                       "--skip_bad", "--val_count=2", "--num_proc=1")
+    assert "skipped 1 malformed records" in result.stdout
+    assert read_meta(str(tmp_path / "chats"))["splits"]["train"]["documents"] == 20
+
+
+def test_a_byte_order_mark_is_not_text(tokenizer_file, tmp_path):
+    bom = "\ufeff"
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(30)]
+    (tmp_path / "list.json").write_text(bom + json.dumps(records), encoding="utf-8")
+    (tmp_path / "lines.jsonl").write_text(bom + "\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    for name in ("list.json", "lines.jsonl"):
+        conversations = read_conversations(str(tmp_path / name))
+        assert len(conversations) == 30 and conversations[0][0]["content"] == "Say 0.", name  # the first one kept
+    notes = tmp_path / "notes.txt"
+    notes.write_text(bom + "\n\n".join(f"Paragraph {i}." for i in range(100)), encoding="utf-8")
+    run_stage("prepare/text.py", f"--source={notes}", "--doc_sep=blank", f"--tokenizer={tokenizer_file}",
+              f"--data_dir={tmp_path}")
+    meta = read_meta(str(tmp_path / "notes"))
+    tok = Tokenizer.from_file(str(tmp_path / "notes" / "tokenizer.json"))
+    assert tok.decode(open_tokens(str(tmp_path / "notes"), "train", meta)[:30].tolist()).startswith("<|bos|>Paragraph 0.")
+
+
+def test_text_script_without_input_names_a_flag_it_has(tmp_path):
+    result = run_stage("prepare/text.py", check=False)
+    assert result.returncode == 1 and "--source=" in result.stderr
+    assert "--source=" in run_stage("prepare/text.py", "--help").stdout

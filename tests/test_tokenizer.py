@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from conftest import shared_file
+from conftest import sample_file
 from tokenizer import (GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, check_conversation, count_chunks,
                        special_tokens_after, train_bpe)
 
@@ -37,7 +37,7 @@ def random_strings(n, seed):
 @pytest.fixture(scope="module")
 def unicode_tokenizer():
     """A tokenizer trained on English plus some emoji and CJK, so that merges exist inside multi-byte characters."""
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:100_000]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:100_000]
     text += " ".join(HARD_STRINGS) * 20
     return train_bpe(count_chunks([text]), 700)
 
@@ -64,7 +64,7 @@ def test_encode_batch_equals_encode(shakespeare_tokenizer):
 
 
 def test_training_is_deterministic_and_parallel_counting_matches():
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:200_000]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:200_000]
     pieces = text.split("\n\n")
     serial = count_chunks(pieces)
     assert count_chunks(pieces, num_proc=2) == serial
@@ -97,7 +97,7 @@ def apply_merges_in_order(tokenizer, text):
 
 
 def test_tiktoken_encoding_equals_merges_in_rank_order(unicode_tokenizer):
-    heldout = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[500_000:508_000]
+    heldout = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[500_000:508_000]
     for text in [heldout] + HARD_STRINGS + random_strings(40, seed=2):
         assert unicode_tokenizer.encode(text) == apply_merges_in_order(unicode_tokenizer, text)
 

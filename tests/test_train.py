@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, prepare_text_source, read_log, run_stage, shared_file
+from conftest import REPO, TINY_TRAIN, prepare_text_source, read_log, run_stage, sample_file
 from checkpoint import load_checkpoint
 from tokenizer import Tokenizer
 
@@ -135,7 +135,7 @@ def test_clear_errors(data_dir, tmp_path, shakespeare_tokenizer):
                                                         "--block_size=128")
     # data prepared with another tokenizer than the checkpoint's
     other = tmp_path / "otherdata"
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:200_000]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:200_000]
     prepare_text_source(other / "shakespeare", text, Tokenizer.byte_level())
     result = run_stage("train.py", *TINY_TRAIN, f"--data_dir={other}", f"--out_dir={tmp_path / 'z'}",
                        f"--init_from={out / 'ckpt.pt'}", check=False)

@@ -3,7 +3,7 @@ The report card of a speedrun: collects what every stage wrote in a run folder i
 table per stage and the pictures the stages drew, plus <run>/report.json (the same figures, for scripts and
 tests) and <run>/scores.png (the evaluation scores of each checkpoint).
 
-    python report.py runs/20260101-120000
+    python report.py runs/20260101-120000      # or --run=runs/20260101-120000; --help lists the settings
 
 It reads, in the run folder (see speedrun.sh):
     run.txt, stages.tsv                     the preset and each stage's wall-clock seconds
@@ -23,23 +23,22 @@ import os
 import platform
 import re
 import subprocess
-import sys
 
 import torch
 
 from checkpoint import load_checkpoint
-from common import plot_checkpoint_scores
+from common import fail, plot_checkpoint_scores
+from configurator import configure
 from eval import headline_metrics
 from model import count_params
 from tokenizer import Tokenizer
 
+# -----------------------------------------------------------------------------------------------------
+run = ""  # the run folder speedrun.sh wrote (the first argument: python report.py runs/<date-time>)
+# -----------------------------------------------------------------------------------------------------
+
 CHECKPOINTS = ["base", "sft", "rl"]  # the three models of a run, in pipeline order
 BENCHMARKS = ["bpb", "openbookqa", "arc_easy", "arc_challenge"]
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def read_json(path):
@@ -469,9 +468,8 @@ def build_report(run):
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        fail("usage: python report.py RUN_FOLDER (the folder speedrun.sh wrote)")
-    run = sys.argv[1]
+    if not run or "," in run:
+        fail("which run? python report.py RUN_FOLDER (one folder speedrun.sh wrote)")
     if not os.path.isdir(run):
         fail(f"{run}: no such folder (expected a run folder written by speedrun.sh)")
     markdown, figures = build_report(run)
@@ -484,4 +482,5 @@ def main():
 
 
 if __name__ == "__main__":
+    configure(globals(), positional="run")
     main()

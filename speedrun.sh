@@ -5,10 +5,11 @@
 #   -> RL on arithmetic -> evaluation (bpb, OpenBookQA, ARC-Easy, ARC-Challenge validation, arithmetic)
 #   -> export (fp32, int8) -> ./run answering a prompt in C -> report.md
 #
-#   bash speedrun.sh                                  # the 2-core CPU preset (about 15 minutes), downloads data
-#   bash speedrun.sh --data_dir=../shared/data        # the same from a local copy (offline)
-#   PRESET=ci bash speedrun.sh --data_dir=../shared/data    # a few minutes, tiny model (the test suite runs it)
-#   PRESET=gpu bash speedrun.sh                       # one GPU (NOT MEASURED)
+#   bash speedrun.sh                              # the 2-core CPU preset on the repository's sample (offline)
+#   PRESET=ci bash speedrun.sh                    # a few minutes, tiny model (the test suite runs it)
+#   bash speedrun.sh --data_dir=download          # the CPU preset on the official datasets (fetches ~22 MB)
+#   bash speedrun.sh --data_dir=path/to/copy      # a local copy laid out like prepare/sample
+#   PRESET=gpu bash speedrun.sh                   # one GPU (NOT MEASURED), on downloaded data
 #
 # Every size and step count of a preset is in its config files, config/speedrun/<preset>/, one per command in
 # pipeline order (tokenizer.py, tinystories.py, pretrain.py, alpaca.py, arithmetic.py, sft.py, rl.py, eval.py);
@@ -17,8 +18,11 @@
 #
 # Options (arguments or environment variables):
 #   PRESET / first argument     cpu (default) | ci | gpu | any other folder of config/speedrun/
-#   DATA_DIR / --data_dir=DIR   a local copy laid out like ../shared/data; empty = download from the official
-#                               sources (cached in ~/.cache/nanollama, resumable)
+#   DATA_DIR / --data_dir=DIR   where the data comes from: 'sample' (prepare/sample, in the repository: the
+#                               default of the cpu and ci presets), 'download' (the official sources, only the
+#                               part a preset uses, cached in ~/.cache/nanollama, resumable: the default of the
+#                               gpu preset, which needs more text than the sample has) or a local copy laid out
+#                               like prepare/sample
 #   RUN_DIR / --run_dir=DIR     where everything goes (default runs/<date-time>); report.md is written there
 #   PYTHON                      the python to use (default python)
 #   LOCK_FILE                   on a machine shared with others: hold this flock(1) lock during each stage,
@@ -37,13 +41,13 @@ for arg in "$@"; do
     case $arg in
         --data_dir=*) DATA_DIR=${arg#*=} ;;
         --run_dir=*) RUN_DIR=${arg#*=} ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *)
             if [ -d "config/speedrun/$arg" ] && [ -n "$arg" ]; then
                 PRESET=$arg
             else
                 echo "error: unknown argument '$arg'; expected a preset (cpu, ci, gpu: the folders of" \
-                    "config/speedrun/), --data_dir=DIR or --run_dir=DIR" >&2
+                    "config/speedrun/), --data_dir=sample|download|DIR or --run_dir=DIR" >&2
                 exit 1
             fi ;;
     esac
@@ -54,15 +58,21 @@ if [ ! -d "$CONFIG" ]; then
         "config/speedrun/)" >&2
     exit 1
 fi
+if [ -z "$DATA_DIR" ]; then
+    # the gpu preset reads 1 GB of TinyStories: only a download has that much (the sample holds 1.8 MB)
+    if [ "$PRESET" = gpu ]; then DATA_DIR=download; else DATA_DIR=sample; fi
+fi
+if [ "$DATA_DIR" = sample ]; then DATA_DIR=prepare/sample; fi
+if [ "$DATA_DIR" != download ] && [ ! -d "$DATA_DIR" ]; then
+    echo "error: --data_dir=$DATA_DIR is not a folder (expected 'sample', 'download' or a copy laid out like" \
+        "prepare/sample)" >&2
+    exit 1
+fi
 CHAT_PROMPTS=("Who are you?" "Mia has 4 bags with 6 shells in each bag. How many shells does Mia have?")
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers: banners with the time so far, each command's output kept in logs/, each stage's time in stages.tsv
 # (seconds from the start of its work, and wall-clock seconds including any wait for LOCK_FILE)
-if [ -n "$DATA_DIR" ] && [ ! -d "$DATA_DIR" ]; then
-    echo "error: --data_dir=$DATA_DIR is not a folder (expected a copy laid out like ../shared/data)" >&2
-    exit 1
-fi
 export PYTHONUNBUFFERED=1  # stage output appears as it happens, through tee
 DATA=$RUN_DIR/data
 mkdir -p "$RUN_DIR/logs" "$DATA"
@@ -108,18 +118,18 @@ best_checkpoint() {  # the lowest-val-loss checkpoint of a run folder, else its 
     if [ -f "$1/best.pt" ]; then echo "$1/best.pt"; else echo "$1/ckpt.pt"; fi
 }
 
-source_arg() {  # --source=DIR for the prepare/ scripts when a local copy is given, else nothing (download)
-    if [ -n "$DATA_DIR" ]; then echo "--source=$DATA_DIR${1:+/$1}"; fi
+source_arg() {  # --source=DIR for the prepare/ scripts reading a folder, else nothing (they download)
+    if [ "$DATA_DIR" != download ]; then echo "--source=$DATA_DIR${1:+/$1}"; fi
 }
 
-echo "speedrun: preset $PRESET, data from ${DATA_DIR:-the official sources (download)}, run folder $RUN_DIR"
-printf 'preset=%s\ndata_dir=%s\nstarted=%s\n' "$PRESET" "${DATA_DIR:-download}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RUN_DIR/run.txt"
+echo "speedrun: preset $PRESET, data from $DATA_DIR, run folder $RUN_DIR"
+printf 'preset=%s\ndata_dir=%s\nstarted=%s\n' "$PRESET" "$DATA_DIR" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RUN_DIR/run.txt"
 
 # ---------------------------------------------------------------------------------------------------------
 stage "1 tokenizer"
-# on the start of TinyStories train: the local copy's file, or the official file (downloaded)
+# on the start of TinyStories train: the folder's file, or the official file (only the start that is read)
 TINYSTORIES_TRAIN=tinystories
-if [ -n "$DATA_DIR" ]; then TINYSTORIES_TRAIN=$DATA_DIR/tinystories/tiny_stories.txt; fi
+if [ "$DATA_DIR" != download ]; then TINYSTORIES_TRAIN=$DATA_DIR/tinystories/tiny_stories.txt; fi
 heavy tokenizer $PYTHON prepare/tokenizer.py "$CONFIG/tokenizer.py" "$TINYSTORIES_TRAIN" \
     --out="$DATA/tokenizer.json"
 TOKENIZER=$DATA/tokenizer.json

@@ -1,4 +1,4 @@
-"""The whole pipeline end to end: speedrun.sh's CI preset on the real data of ../shared/data, and its report card."""
+"""The whole pipeline end to end: speedrun.sh's CI preset on the repository's sample of real data, and its report card."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, shared_file
+from conftest import REPO
 from configurator import check_type, read_config_file
 from report import paired_difference
 from test_cli import header_settings
@@ -27,9 +27,8 @@ def speedrun(*args, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    shared_file("tinystories/tiny_stories.txt")  # a clear message when the shared data is missing
     run = tmp_path_factory.mktemp("speedrun") / "run"
-    result = speedrun("ci", f"--data_dir={SHARED_DATA}", f"--run_dir={run}")
+    result = speedrun("ci", f"--run_dir={run}")  # no --data_dir: the sample in prepare/sample
     assert result.returncode == 0, f"speedrun.sh failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return run, result.stdout
 
@@ -46,6 +45,16 @@ def test_every_stage_runs_and_leaves_its_output(ci_run):
         assert (run / path).exists(), f"{path} is missing from the run folder"
     # int8 weights are about a quarter of fp32 (norms and scales stay float)
     assert (run / "export/model_int8.bin").stat().st_size < 0.5 * (run / "export/model.bin").stat().st_size
+    assert "data from prepare/sample" in stdout and "data_dir=prepare/sample" in (run / "run.txt").read_text()
+
+
+def test_logs_hold_whole_lines(ci_run):
+    # progress bars redraw a line with '\r' on a terminal only: a log file gets one whole line per report
+    run, _ = ci_run
+    logs = sorted((run / "logs").glob("*.log"))
+    assert len(logs) >= 10
+    for log in logs:
+        assert "\r" not in log.read_text(encoding="utf-8", errors="replace"), f"{log.name} holds a carriage return"
 
 
 def test_what_must_improve_did(ci_run):
@@ -96,6 +105,11 @@ def test_paired_difference_of_arithmetic_accuracy(tmp_path):
     mean = sum(diffs) / 10
     assert change["stderr"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 9 / 10) ** 0.5)
     assert paired_difference(str(tmp_path / "elsewhere")) is None
+
+
+def test_report_help_names_its_setting():
+    result = subprocess.run([sys.executable, "report.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "--run=" in result.stdout and "usage: python report.py" in result.stdout
 
 
 def test_report_of_an_empty_run_says_what_did_not_run(tmp_path):

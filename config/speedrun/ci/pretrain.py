@@ -1,6 +1,6 @@
 # speedrun.sh, ci preset, stage 2: train.py pretrains a 0.13M-parameter model (dim 64, 2 layers, vocab 512).
 # 16 batch x 128 block = 2,048 tokens per step; 60 steps = 123K tokens.
-# MEASURED (2-core AMD EPYC, fp32, --data_dir=../shared/data): 8 s; train loss 6.24 -> 5.10, val loss
+# MEASURED (2-core AMD EPYC, fp32, on the TinyStories of prepare/sample): 8 s; train loss 6.24 -> 5.10, val loss
 # 6.25 -> 5.13 (3.12 bits/byte) at 53K tokens/s.
 data = "tinystories"
 dim = 64

@@ -1,6 +1,6 @@
 # speedrun.sh, cpu preset, stage 2: train.py pretrains a 2.56M-parameter Llama on TinyStories.
 # 16 batch x 256 block = 4,096 tokens per step; 300 steps = 1.23M tokens.
-# MEASURED (2-core AMD EPYC, fp32, --data_dir=../shared/data, so 5 passes over the 0.9 MB subset): 3m54s;
+# MEASURED (2-core AMD EPYC, fp32, on the sample, so 5 passes over its 0.9 MB subset): 3m54s;
 # train loss 8.37 -> 3.25, best val loss 3.67 (1.31 bits/byte) at 6.5K tokens/s.
 data = "tinystories"
 dim = 192

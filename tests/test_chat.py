@@ -56,11 +56,12 @@ def api():
         yield url
 
 
-def request(url, body=None, method=None, data=None):
+def request(url, body=None, method=None, data=None, headers=None):
     """(status, parsed JSON body) of a request; body is sent as JSON, data as raw bytes."""
     if body is not None:
         data = json.dumps(body).encode("utf-8")
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -313,7 +314,8 @@ def test_piped_terminal_session_and_user_errors(checkpoint_path):
 
 
 def test_serve_from_the_command_line(checkpoint_path):
-    process = subprocess.Popen([sys.executable, "chat.py", "--ckpt", checkpoint_path, "--serve", "--port=0"],
+    process = subprocess.Popen([sys.executable, "chat.py", "--ckpt", checkpoint_path, "--serve", "--port=0",
+                                "--allowed_hosts=chat.example", "--allowed_origins=http://localhost:3000"],
                                cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -324,6 +326,11 @@ def test_serve_from_the_command_line(checkpoint_path):
         assert url.startswith("http://127.0.0.1:")  # loopback by default
         status, body = request(url + "/v1/chat/completions", {**HELLO, "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
+        # the allow settings reach the server; other names and sites stay out
+        assert request(url + "/v1/models", headers={"Host": "chat.example"})[0] == 200
+        assert request(url + "/v1/models", headers={"Host": "evil.example"})[0] == 403
+        assert request(url + "/v1/models", headers={"Origin": "http://localhost:3000"})[0] == 200
+        assert request(url + "/v1/models", headers={"Origin": "http://evil.example"})[0] == 403
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

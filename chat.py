@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -87,6 +88,8 @@ def reply_in_terminal(model, tokenizer, messages, sampling, write):
             write(pieces[0])
     except KeyboardInterrupt:
         write(" [stopped]")
+    except engine.NonFiniteLogitsError as e:
+        write(f" [{e}]")
     write("\n")
     return reply
 
@@ -375,6 +378,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a socket read or write may wait: a stalled client cannot hold the model forever
     cors_origin = None  # another site's page that --allowed_origins lets read the answer
     body_read = False
+    streaming = False  # the status and headers of an event stream are sent: errors go into the stream
 
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -447,6 +451,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 self.answer(messages, settings)
         except OSError:
             pass  # the client went away or stalled; its generation has been stopped
+        except Exception as e:  # the model's output (NaN) or a fault here, not the request: say so, never hang up
+            self.answer_failure(e)
         finally:
             self.server.slots.release()
 
@@ -508,6 +514,22 @@ class ChatHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def answer_failure(self, error):
+        """A request that failed after it was accepted: 500 with what went wrong (in the stream, once it runs)."""
+        if isinstance(error, engine.NonFiniteLogitsError):
+            message = str(error)
+        else:
+            traceback.print_exc()  # a fault of this server: the log says where
+            message = f"the server failed to answer: {type(error).__name__}: {error}"
+        failure = error_json(RequestError(500, message))
+        try:
+            if self.streaming:
+                self.send_event(failure)  # the status (200) went out with the first chunk: the stream ends here
+            else:
+                self.send_json(500, failure)
+        except OSError:
+            pass
+
     def answer(self, messages, settings):
         request_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         model, tokenizer = self.server.model, self.server.tokenizer
@@ -540,6 +562,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
+            self.streaming = True
             for i in range(n):
                 self.send_event(chunk(i, {"role": "assistant", "content": ""}))
             for kind, *data in itertools.chain([first], events):
@@ -607,6 +630,7 @@ if __name__ == "__main__":
     device = pick_device(device)
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
+        engine.check_weights(model, ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if checkpoint.get("data_format") != "chat":

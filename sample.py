@@ -37,6 +37,7 @@ if not ckpt:
     ckpt = checkpoint_in(out_dir)
 try:
     model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
+    engine.check_weights(model, ckpt)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
 if start.startswith("FILE:"):
@@ -61,16 +62,19 @@ for k in range(num_samples):
     sys.stdout.write("" if chat_model else start)
     generated = []
     # generate_text streams whole characters (a character split across tokens waits for its last byte)
-    for tokens, pieces in engine.generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + k,
-                                               tools=chat_model, stop_tokens=stop_tokens):
-        token = tokens[0]
-        generated.append(token)
-        n_tokens += 1
-        if token in stop_tokens:
-            break
-        sys.stdout.write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
-        sys.stdout.flush()
+    steps = engine.generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed + k, tools=chat_model, stop_tokens=stop_tokens)
+    try:
+        for tokens, pieces in steps:
+            token = tokens[0]
+            generated.append(token)
+            n_tokens += 1
+            if token in stop_tokens:
+                break
+            sys.stdout.write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
+            sys.stdout.flush()
+    except engine.NonFiniteLogitsError as e:
+        sys.exit(f"\nerror: {ckpt}: {e}")
     sys.stdout.write("\n")
     if show_tokens:
         print(f"tokens: {' '.join(map(str, generated))}")

@@ -336,6 +336,36 @@ def test_serve_from_the_command_line(checkpoint_path):
         assert process.wait(timeout=30) == 0
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path):
+    # such a model replied with nothing (chat.py) or a crash in sampling; now both scripts refuse it at load
+    path = tmp_path / "diverged.pt"
+    model = random_model(vocab_size=267, max_seq_len=128)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
+                     "data_format": "chat", "iter_num": 0}, str(path))
+    for script, *args in (("chat.py", "--prompt=Hi"), ("sample.py", "--max_new_tokens=5")):
+        result = run_stage(script, f"--ckpt={path}", *args, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path}: weight layers.0.attention.wq.weight holds NaN" in result.stderr
+        assert result.stdout == ""
+
+
+def test_a_model_whose_output_overflows_stops_with_a_message(tmp_path):
+    # finite weights (so loading accepts them) whose logits overflow float32: generation stops with a message
+    path = tmp_path / "overflowing.pt"
+    model = random_model(vocab_size=267, max_seq_len=128, tie_embeddings=False)
+    with torch.no_grad():
+        model.output.weight.fill_(3e38)
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
+                     "data_format": "chat", "iter_num": 0}, str(path))
+    chat_result = run_stage("chat.py", f"--ckpt={path}", "--prompt=Hi")
+    assert "[the model's output is not finite" in chat_result.stdout
+    sample = run_stage("sample.py", f"--ckpt={path}", "--max_new_tokens=5", check=False)
+    assert sample.returncode == 1 and "Traceback" not in sample.stderr, sample.stderr
+    assert f"error: {path}: the model's output is not finite" in sample.stderr
+
+
 # -----------------------------------------------------------------------------------------------------
 # the web page, in a real headless browser
 

@@ -16,12 +16,14 @@ class ScriptedModel(Transformer):
     """
     Transformer.generate's real loop (KV cache, sampling, stop tokens, tool hook) over a network that plays a
     script: reply(seen) -> the next token, where seen is every token fed in so far (prompt, sampled and forced).
-    All the probability goes to that token, so the script plays out at any temperature.
+    All the probability goes to that token, so the script plays out at any temperature. After nan_after forward
+    passes its logits are NaN, as a diverged model's are.
     """
 
-    def __init__(self, reply, vocab_size=267, max_seq_len=256, delay_s=0.0, interrupt_after=None):
+    def __init__(self, reply, vocab_size=267, max_seq_len=256, delay_s=0.0, interrupt_after=None, nan_after=None):
         super().__init__(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=vocab_size, max_seq_len=max_seq_len))
         self.reply, self.delay_s, self.interrupt_after = reply, delay_s, interrupt_after
+        self.nan_after = nan_after
         self.cache, self.seen, self.prompts = None, [], []
 
     def forward(self, tokens, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -35,6 +37,8 @@ class ScriptedModel(Transformer):
         time.sleep(self.delay_s)
         logits = torch.full((tokens.shape[0], tokens.shape[1], self.args.vocab_size), -1e4)
         logits[:, -1, self.reply(self.seen)] = 0.0
+        if self.nan_after is not None and self.steps > self.nan_after:
+            logits[:] = float("nan")
         return logits, None
 
 
@@ -344,3 +348,29 @@ def test_fit_conversation_work_grows_linearly_with_the_conversation(tokenizer):
         assert prompt == tokenizer.render_for_completion(messages[:1] + messages[1 + dropped:])
         assert encoded_tokens <= 3 * conversation_tokens, (n_exchanges, encoded_tokens, conversation_tokens)
 
+
+# -----------------------------------------------------------------------------------------------------
+# broken models: NaN weights, NaN logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_raise_instead_of_sampling_garbage(tokenizer, temperature):
+    # greedy decoding of NaN logits gave token 0 forever; sampling gave torch's own error from multinomial
+    model = ScriptedModel(text_script(tokenizer, "hello"), nan_after=3)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hi"}])
+    tokens = []
+    with pytest.raises(engine.NonFiniteLogitsError, match="not finite"):
+        for step, _ in engine.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=temperature):
+            tokens.append(step[0])
+    assert tokens == tokenizer.encode("hel")  # the steps before came through
+    assert not model._forward_hooks  # the check leaves with its generation
+
+
+def test_check_weights_names_the_checkpoint_and_the_first_broken_tensor():
+    model = random_model()
+    engine.check_weights(model, "out/best.pt")  # a healthy model passes
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
+        model.norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"^out/best.pt: weight layers\.1\.feed_forward\.w2\.weight holds NaN"):
+        engine.check_weights(model, "out/best.pt")

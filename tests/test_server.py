@@ -124,7 +124,7 @@ def test_local_names_the_served_page_and_allowed_sites_get_answers(server):
 
 
 # -----------------------------------------------------------------------------------------------------
-# bursts
+# bursts and broken models
 
 
 def test_a_burst_of_50_clients_all_get_http_answers():
@@ -149,3 +149,18 @@ def test_a_burst_of_50_clients_all_get_http_answers():
     assert len(statuses) == 50 and set(statuses) <= {200, 503}, statuses
     assert 200 in statuses and 503 in statuses
 
+
+def test_non_finite_logits_answer_500_not_a_dropped_connection():
+    model = ScriptedModel(text_script(TOKENIZER, "hello there"), nan_after=0)  # NaN from the first step
+    with serving(model) as url:
+        for body in (HELLO, {**HELLO, "stream": True}):  # a stream fails before its first chunk: 500 too
+            status, answer = request(url + COMPLETIONS, body)
+            assert status == 500 and "not finite" in answer["error"]["message"]
+            assert answer["error"]["type"] == "server_error"
+    # NaN in the middle of a streamed reply: the stream so far, then an error event in place of [DONE]
+    model = ScriptedModel(text_script(TOKENIZER, "hello there"), nan_after=4)
+    with serving(model) as url:
+        status, _, text = answer_of(url + COMPLETIONS, {**HELLO, "stream": True})
+    events = [json.loads(e[len("data: "):]) for e in text.split("\n\n") if e]
+    assert status == 200 and "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "hell"
+    assert "not finite" in events[-1]["error"]["message"]

@@ -35,14 +35,25 @@ configure(globals())
 
 if not ckpt:
     ckpt = checkpoint_in(out_dir)
+if start.startswith("FILE:"):
+    path = start[len("FILE:"):]
+    try:
+        with open(path, "rb") as f:
+            start = f.read().decode("utf-8")
+    except FileNotFoundError:
+        sys.exit(f"error: --start=FILE:{path}: there is no file {path}")
+    except IsADirectoryError:
+        sys.exit(f"error: --start=FILE:{path}: {path} is a folder; give the prompt's text file")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: --start=FILE:{path}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                 f"{e.start}); save the prompt as UTF-8")
+    except OSError as e:
+        sys.exit(f"error: --start=FILE:{path}: cannot read {path}: {e.strerror}")
 try:
     model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
     engine.check_weights(model, ckpt)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-if start.startswith("FILE:"):
-    with open(start[len("FILE:"):], encoding="utf-8") as f:
-        start = f.read()
 chat_model = checkpoint.get("data_format") == "chat"
 if chat_model:
     # a chat model (SFT, LoRA) answers the prompt as a user message; tools on, stop at the end of its turn

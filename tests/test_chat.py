@@ -366,6 +366,21 @@ def test_a_model_whose_output_overflows_stops_with_a_message(tmp_path):
     assert f"error: {path}: the model's output is not finite" in sample.stderr
 
 
+def test_sample_start_file_errors_name_the_file(checkpoint_path, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    for path, reason in ((tmp_path / "missing.txt", "there is no file"), (tmp_path, "is a folder"),
+                         (latin1, "is not UTF-8 text (byte 0xe9 at offset 3)")):
+        result = run_stage("sample.py", f"--ckpt={checkpoint_path}", f"--start=FILE:{path}", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and f"--start=FILE:{path}: " in error_lines[0] and reason in error_lines[0]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    assert run_stage("sample.py", f"--ckpt={checkpoint_path}", f"--start=FILE:{prompt}",
+                     "--max_new_tokens=3").returncode == 0
+
+
 # -----------------------------------------------------------------------------------------------------
 # the web page, in a real headless browser
 

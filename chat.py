@@ -8,17 +8,23 @@ Chat with a trained model: in the terminal, in a browser, or through an OpenAI-c
 Terminal commands: /reset, /system TEXT, /temperature X, /quit (or Ctrl-D). Ctrl-C stops the current reply.
 The API: POST /v1/chat/completions (streaming and not) and GET /v1/models, so OpenAI clients work with
 base_url="http://127.0.0.1:8000/v1". Every reply comes from engine.generate, calculator tool included.
+The server answers only to localhost, IP addresses and the --host name (--allowed_hosts adds more), and to web
+pages only its own (--allowed_origins adds more): another site open in the browser cannot drive it.
 Settings take nanoGPT's --key=value form; `--key value` and a bare `--serve` work too.
 """
 
+import ipaddress
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import torch
 
@@ -47,6 +53,11 @@ max_request_bytes = 1_000_000  # larger request bodies get 413
 max_tokens_limit = 2048  # the most new tokens one API request may ask for
 max_choices = 8  # the most samples (n) one API request may ask for; they run as one batch
 max_waiting = 16  # requests queued behind the one generating; more get 503
+max_messages = 1000  # the most messages one API request may hold; more get 400
+allowed_hosts = ""  # host names the server answers to besides localhost, IP addresses and --host, comma-separated
+#                     (e.g. a reverse proxy's); others get 403, which stops DNS rebinding; "*" = any
+allowed_origins = ""  # web pages besides the served one that may call the API from a browser, comma-separated
+#                       origins (e.g. http://localhost:3000); others get 403; "*" = any
 # -----------------------------------------------------------------------------------------------------
 
 HTML_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -77,6 +88,8 @@ def reply_in_terminal(model, tokenizer, messages, sampling, write):
             write(pieces[0])
     except KeyboardInterrupt:
         write(" [stopped]")
+    except engine.NonFiniteLogitsError as e:
+        write(f" [{e}]")
     write("\n")
     return reply
 
@@ -149,6 +162,12 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def error_json(error):
+    """A RequestError as OpenAI's error object."""
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
 def number_field(body, key, default, low, high, integer=False):
     value = body.get(key)
     if value is None:
@@ -178,6 +197,9 @@ def parse_request(body, defaults):
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(raw_messages) > defaults["max_messages"]:
+        raise RequestError(400, f"'messages' holds {len(raw_messages)} messages; the limit is "
+                           f"{defaults['max_messages']} (leave out the oldest)", "messages")
     messages = []
     for i, message in enumerate(raw_messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -288,13 +310,84 @@ def completion_events(model, tokenizer, messages, settings, tools_on):
     yield "done", finish, usage
 
 
+def host_name(host_header):
+    """The name in a Host header, lowercased: 'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    value = host_header.strip().lower()
+    if value.startswith("[") and "]" in value:
+        return value[1:value.index("]")]
+    name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    return name.rstrip(".")  # 'localhost.' is localhost
+
+
+def is_ip_address(name):
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host_and_origin(headers, host_names, origins):
+    """
+    RequestError (403) for a request that reached the server under a host name it does not answer to, or that a
+    web page from another site sent. Returns that site's origin when it is one of origins (the answer then
+    carries a CORS header, so that the browser lets the page read it), else None.
+    """
+    host = headers.get("Host")
+    # DNS rebinding: a page on attacker.example points its own name at 127.0.0.1 and calls this server by that
+    # name, same-origin as far as the browser knows. Answering only names we know stops it; an IP address is
+    # always safe, since no other site's page can come from it.
+    if host is not None:
+        name = host_name(host)
+        if not (is_ip_address(name) or name in host_names or "*" in host_names):
+            known = sorted(n for n in host_names if not is_ip_address(n))
+            raise RequestError(403, f"this server does not answer to the host name {name!r} (only to "
+                               f"{', '.join(known)} and IP addresses); to allow it, start the server with "
+                               f"--allowed_hosts={name}")
+    origin = headers.get("Origin")
+    if origin is None:
+        return None  # not sent by a web page: curl, the OpenAI SDKs, scripts
+    try:
+        if host is not None and urlsplit(origin).netloc.lower() == host.strip().lower():
+            return None  # the page this server served
+    except ValueError:
+        pass  # not a URL at all: refused below unless allowed
+    if origin.lower() in origins or "*" in origins:
+        return origin
+    raise RequestError(403, f"requests from web pages at {origin} are refused; to allow them, start the server "
+                       f"with --allowed_origins={origin}")
+
+
+def content_length(headers):
+    """The request body's size in bytes: its Content-Length header, which must be a whole number (else 411, 400)."""
+    text = headers.get("Content-Length")
+    if text is None:
+        raise RequestError(411, "a Content-Length header is required")
+    text = text.strip()
+    # int() takes '-1', and rfile.read(-1) reads until the client closes: no size limit at all
+    if not (text.isascii() and text.isdigit()):
+        raise RequestError(400, f"Content-Length must be a number of bytes (0 or more), got {text[:40]!r}")
+    if len(text) > 15:  # a petabyte and more is no real body (and int() refuses 4,300 digits and more)
+        return 10 ** 15
+    return int(text)
+
+
 class ChatHandler(BaseHTTPRequestHandler):
     server_version = "nanollama"
     protocol_version = "HTTP/1.0"  # one request per connection; a stream ends when the connection closes
     timeout = 60  # seconds a socket read or write may wait: a stalled client cannot hold the model forever
+    cors_origin = None  # another site's page that --allowed_origins lets read the answer
+    body_read = False
+    streaming = False  # the status and headers of an event stream are sent: errors go into the stream
 
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    def end_headers(self):
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def send_json(self, status, obj):
         data = json.dumps(obj).encode("utf-8")
@@ -305,11 +398,20 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def send_error_json(self, error):
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        self.send_json(error.status, {"error": {"message": error.message, "type": kind, "param": error.param,
-                                                "code": error.code}})
+        self.send_json(error.status, error_json(error))
+
+    def refused(self):
+        """Answer 403 and return True when the request's Host or Origin is not one this server answers."""
+        try:
+            self.cors_origin = check_host_and_origin(self.headers, self.server.host_names, self.server.origins)
+        except RequestError as e:
+            self.send_error_json(e)
+            return True
+        return False
 
     def do_GET(self):
+        if self.refused():
+            return
         path = self.path.split("?")[0]
         if path in ("/", "/index.html"):
             with open(HTML_PATH, "rb") as f:
@@ -332,6 +434,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         try:
+            self.cors_origin = check_host_and_origin(self.headers, self.server.host_names, self.server.origins)
             if self.path.split("?")[0] != "/v1/chat/completions":
                 raise RequestError(404, f"no such endpoint: POST {self.path} (try /v1/chat/completions)")
             body = self.read_json_body()
@@ -341,41 +444,66 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise RequestError(503, "the server is busy: too many requests are waiting; try again shortly")
         except RequestError as e:
             self.send_error_json(e)
-            if e.status == 413:
-                self.discard_body()
+            self.discard_body()
             return
         try:
             with self.server.generation_lock:
                 self.answer(messages, settings)
         except OSError:
             pass  # the client went away or stalled; its generation has been stopped
+        except Exception as e:  # the model's output (NaN) or a fault here, not the request: say so, never hang up
+            self.answer_failure(e)
         finally:
             self.server.slots.release()
 
+    def do_OPTIONS(self):
+        """What a browser asks before a page from another site (one --allowed_origins lets in) calls the API."""
+        if self.refused():
+            return
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self.cors_origin:
+            asked = self.headers.get("Access-Control-Request-Headers", "")
+            self.send_header("Access-Control-Allow-Methods", "GET, POST")
+            # the headers the page's request carries (an OpenAI SDK sends a dozen), when they are plain names
+            self.send_header("Access-Control-Allow-Headers", asked if re.fullmatch(r"[\w\-, ]*", asked) else
+                             "Content-Type, Authorization")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.end_headers()
+
     def do_PUT(self):
-        self.send_error_json(RequestError(405, "method not allowed: use GET or POST"))
+        if not self.refused():
+            self.send_error_json(RequestError(405, "method not allowed: use GET or POST"))
+            self.discard_body()
 
     do_DELETE = do_PATCH = do_PUT
 
     def read_json_body(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise RequestError(411, "send the body with a Content-Length, not chunked")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError(411, "a Content-Length header is required") from None
+        length = content_length(self.headers)
         if length > self.server.max_request_bytes:
             raise RequestError(413, f"the request body is {length} bytes; the limit is "
                                f"{self.server.max_request_bytes}")
+        data, self.body_read = self.rfile.read(length), True
         try:
-            return json.loads(self.rfile.read(length).decode("utf-8"))
+            return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is nested too deeply (arrays or objects inside one another "
+                               f"{sys.getrecursionlimit()} deep or more)") from None
+        except ValueError:  # the one other thing json.loads refuses: an integer of too many digits
+            raise RequestError(400, "the request body holds a number of too many digits (the limit is "
+                               f"{sys.get_int_max_str_digits()})") from None
 
     def discard_body(self, most_bytes=64 << 20):
-        """Read and drop a refused body, so that closing the socket does not reset the connection before the
-        client has read the error."""
-        left = min(int(self.headers.get("Content-Length", 0)), most_bytes)
+        """Read and drop the body of a refused request, so that closing the socket does not reset the connection
+        before the client has read the error. Only a valid Content-Length says how much there is to read."""
+        try:
+            left = 0 if self.body_read else min(content_length(self.headers), most_bytes)
+        except RequestError:
+            return
         self.connection.settimeout(5)
         try:
             while left > 0:
@@ -383,6 +511,22 @@ class ChatHandler(BaseHTTPRequestHandler):
                 if not data:
                     break
                 left -= len(data)
+        except OSError:
+            pass
+
+    def answer_failure(self, error):
+        """A request that failed after it was accepted: 500 with what went wrong (in the stream, once it runs)."""
+        if isinstance(error, engine.NonFiniteLogitsError):
+            message = str(error)
+        else:
+            traceback.print_exc()  # a fault of this server: the log says where
+            message = f"the server failed to answer: {type(error).__name__}: {error}"
+        failure = error_json(RequestError(500, message))
+        try:
+            if self.streaming:
+                self.send_event(failure)  # the status (200) went out with the first chunk: the stream ends here
+            else:
+                self.send_json(500, failure)
         except OSError:
             pass
 
@@ -418,6 +562,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
+            self.streaming = True
             for i in range(n):
                 self.send_event(chunk(i, {"role": "assistant", "content": ""}))
             for kind, *data in itertools.chain([first], events):
@@ -441,17 +586,29 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # connections the kernel holds until they are accepted: socketserver's 5 turned a burst of clients into TCP
+    # resets; now each gets an HTTP answer (503 once max_waiting requests are queued)
+    request_queue_size = 128
+
+
 def make_server(model, tokenizer, host="127.0.0.1", port=8000, name="nanollama", defaults=None, tools_on=True,
-                request_bytes_limit=1_000_000, waiting_limit=16):
-    """The web page and API server (not yet serving: call serve_forever). port 0 picks a free port."""
-    server = ThreadingHTTPServer((host, port), ChatHandler)
-    server.daemon_threads = True
+                request_bytes_limit=1_000_000, waiting_limit=16, hosts_allowed=(), origins_allowed=()):
+    """
+    The web page and API server (not yet serving: call serve_forever). port 0 picks a free port.
+    It answers to localhost, IP addresses, host and hosts_allowed; web pages other than its own may call it
+    when their origins (e.g. "http://localhost:3000") are in origins_allowed. "*" allows any.
+    """
+    server = ChatServer((host, port), ChatHandler)
     server.model, server.tokenizer, server.model_name, server.tools = model, tokenizer, name, tools_on
     server.created = int(time.time())
     # what a request leaves out comes from the settings at the top of this file (after configure)
     server.defaults = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                        "max_tokens": min(max_new_tokens, max_tokens_limit), "max_tokens_limit": max_tokens_limit,
-                       "max_choices": max_choices, **(defaults or {})}
+                       "max_choices": max_choices, "max_messages": max_messages, **(defaults or {})}
+    server.host_names = {"localhost", host_name(host)} | {host_name(h) for h in hosts_allowed}
+    server.origins = {origin.strip().rstrip("/").lower() for origin in origins_allowed}
     server.max_request_bytes = request_bytes_limit
     server.generation_lock = threading.Lock()
     server.slots = threading.BoundedSemaphore(waiting_limit + 1)
@@ -473,6 +630,7 @@ if __name__ == "__main__":
     device = pick_device(device)
     try:
         model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
+        engine.check_weights(model, ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if checkpoint.get("data_format") != "chat":
@@ -486,7 +644,9 @@ if __name__ == "__main__":
         name = model_name or f"nanollama-{os.path.basename(os.path.normpath(folder))}"
         try:
             server = make_server(model, tokenizer, host, port, name, tools_on=tools,
-                                 request_bytes_limit=max_request_bytes, waiting_limit=max_waiting)
+                                 request_bytes_limit=max_request_bytes, waiting_limit=max_waiting,
+                                 hosts_allowed=[h for h in allowed_hosts.split(",") if h.strip()],
+                                 origins_allowed=[o for o in allowed_origins.split(",") if o.strip()])
         except OSError as e:
             sys.exit(f"error: cannot listen on {host}:{port}: {e.strerror} (another server there? try --port=8001)")
         address = f"http://{host}:{server.server_address[1]}"

@@ -12,6 +12,10 @@ failing expression produces an error text as the output, never an exception.
     generate_reply(model, tokenizer, messages)    -> (reply text, token ids), not streamed
     reply_parts(text)                             -> reply text with tool markup back to tool-call parts
     fit_conversation(tokenizer, messages, n)      -> a prompt of at most n tokens, oldest turns left out
+    check_weights(model, source)                  -> ValueError when a weight holds NaN or infinity
+
+A model whose output is not finite (NaN weights, an overflow) raises NonFiniteLogitsError, never replies with
+whatever argmax or multinomial make of NaN.
 """
 
 import ast
@@ -22,6 +26,8 @@ import re
 import signal
 import threading
 import warnings
+
+import torch
 
 # -----------------------------------------------------------------------------------------------------
 # the calculator
@@ -189,18 +195,51 @@ def make_tool_hook(tokenizer):
     return hook
 
 
+class NonFiniteLogitsError(RuntimeError):
+    pass
+
+
+def check_logits(module, inputs, output):
+    """A forward hook: NonFiniteLogitsError when the next-token logits hold NaN or infinity."""
+    logits = output[0][:, -1]  # (B, vocab_size)
+    # the largest logit of a row is NaN when any logit is, and infinite when one is +inf or all are -inf
+    if not torch.isfinite(logits.max(dim=-1).values).all():
+        raise NonFiniteLogitsError("the model's output is not finite (NaN or infinity): its weights are broken or "
+                                   "this input overflows its number format; nothing sensible can be sampled")
+
+
 def generate(model, tokenizer, prompt, max_new_tokens=256, temperature=0.8, top_k=0, top_p=1.0, seed=None,
              num_samples=1, tools=True, stop_tokens=None):
     """
     Stream continuations of prompt (token ids): yields (tokens, forced) per step as model.generate does.
     Stops at the end of the assistant's turn (<|assistant_end|> in our chat format) or <|bos|> by default.
     tools=True turns the calculator on (tokenizers of imported models have no calculator tokens: then it is off).
+    Raises NonFiniteLogitsError at the first step whose logits are not finite.
     """
     if stop_tokens is None:
         stop_tokens = [tokenizer.assistant_end_id, tokenizer.bos_id]
     hook = make_tool_hook(tokenizer) if tools and tokenizer.has_tools else None
-    yield from model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              stop_tokens=stop_tokens, num_samples=num_samples, tool_hook=hook)
+    # every forward pass of this generation has its logits checked before model.generate samples from them
+    logits_check = model.register_forward_hook(check_logits)
+    try:
+        yield from model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, stop_tokens=stop_tokens, num_samples=num_samples, tool_hook=hook)
+    finally:
+        logits_check.remove()
+
+
+def check_weights(model, source):
+    """
+    ValueError naming source and the model's first tensor that holds NaN or infinity. A checkpoint from a
+    training run that diverged looks like any other, but its model can only produce NaN: refuse it at load.
+    """
+    for name, tensor in model.state_dict().items():
+        # a quick test first: a sum is NaN or infinite when a term is (20 times faster on a CPU than
+        # isfinite(tensor).all(), which confirms it: finite weights of 10**28 and more could overflow the sum)
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)) and \
+                not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: weight {name} holds NaN or infinite values, so the model cannot generate "
+                             "(did its training diverge?); use an earlier checkpoint")
 
 
 def generate_reply(model, tokenizer, messages, max_new_tokens=256, temperature=0.0, seed=None, tools=True, **kw):
@@ -282,12 +321,28 @@ def fit_conversation(tokenizer, messages, max_prompt_tokens):
     """
     system = messages[:1] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else []
     turns = list(messages[len(system):])
-    dropped = 0
-    while True:
-        prompt = tokenizer.render_for_completion(system + turns)
-        if len(prompt) <= max_prompt_tokens:
-            return prompt, dropped
-        if len(turns) <= 1:
-            raise ValueError(f"the last message is too long: the prompt is {len(prompt)} tokens and the model's "
-                             f"context leaves room for {max_prompt_tokens}")
-        turns, dropped = turns[2:], dropped + 2
+    prompt = tokenizer.render_for_completion(system + turns)  # checks the conversation, too
+    if len(prompt) <= max_prompt_tokens:
+        return prompt, 0
+    # Too long. A rendering is its messages' renderings one after another, after the tokens every rendering
+    # starts with (<|bos|>, an imported format's default system message). So each exchange is rendered once on
+    # its own, less those start tokens, and exchanges are left out oldest first until the prompt fits: linear in
+    # the conversation's length. (Rendering the whole conversation again for every exchange left out took
+    # minutes for 8,000 short messages.) The start tokens: an exchange rendered once, doubled, less the same
+    # exchange rendered twice over.
+    exchanges = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
+    start_tokens = 0
+    if exchanges:
+        once = len(tokenizer.render_conversation(exchanges[0])[0])
+        start_tokens = 2 * once - len(tokenizer.render_conversation(exchanges[0] * 2)[0])
+    excess_tokens, dropped = len(prompt) - max_prompt_tokens, 0
+    for exchange in exchanges:
+        if excess_tokens <= 0:
+            break
+        excess_tokens -= len(tokenizer.render_conversation(exchange)[0]) - start_tokens
+        dropped += 2
+    prompt = tokenizer.render_for_completion(system + turns[dropped:])
+    if len(prompt) > max_prompt_tokens:
+        raise ValueError(f"the last message is too long: the prompt is {len(prompt)} tokens and the model's "
+                         f"context leaves room for {max_prompt_tokens}")
+    return prompt, dropped

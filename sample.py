@@ -35,13 +35,25 @@ configure(globals())
 
 if not ckpt:
     ckpt = checkpoint_in(out_dir)
+if start.startswith("FILE:"):
+    path = start[len("FILE:"):]
+    try:
+        with open(path, "rb") as f:
+            start = f.read().decode("utf-8")
+    except FileNotFoundError:
+        sys.exit(f"error: --start=FILE:{path}: there is no file {path}")
+    except IsADirectoryError:
+        sys.exit(f"error: --start=FILE:{path}: {path} is a folder; give the prompt's text file")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: --start=FILE:{path}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                 f"{e.start}); save the prompt as UTF-8")
+    except OSError as e:
+        sys.exit(f"error: --start=FILE:{path}: cannot read {path}: {e.strerror}")
 try:
     model, tokenizer, checkpoint = load_checkpoint(ckpt, device)
+    engine.check_weights(model, ckpt)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-if start.startswith("FILE:"):
-    with open(start[len("FILE:"):], encoding="utf-8") as f:
-        start = f.read()
 chat_model = checkpoint.get("data_format") == "chat"
 if chat_model:
     # a chat model (SFT, LoRA) answers the prompt as a user message; tools on, stop at the end of its turn
@@ -61,16 +73,19 @@ for k in range(num_samples):
     sys.stdout.write("" if chat_model else start)
     generated = []
     # generate_text streams whole characters (a character split across tokens waits for its last byte)
-    for tokens, pieces in engine.generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + k,
-                                               tools=chat_model, stop_tokens=stop_tokens):
-        token = tokens[0]
-        generated.append(token)
-        n_tokens += 1
-        if token in stop_tokens:
-            break
-        sys.stdout.write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
-        sys.stdout.flush()
+    steps = engine.generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed + k, tools=chat_model, stop_tokens=stop_tokens)
+    try:
+        for tokens, pieces in steps:
+            token = tokens[0]
+            generated.append(token)
+            n_tokens += 1
+            if token in stop_tokens:
+                break
+            sys.stdout.write(TOOL_DISPLAY.get(pieces[0], pieces[0]))
+            sys.stdout.flush()
+    except engine.NonFiniteLogitsError as e:
+        sys.exit(f"\nerror: {ckpt}: {e}")
     sys.stdout.write("\n")
     if show_tokens:
         print(f"tokens: {' '.join(map(str, generated))}")

@@ -56,11 +56,12 @@ def api():
         yield url
 
 
-def request(url, body=None, method=None, data=None):
+def request(url, body=None, method=None, data=None, headers=None):
     """(status, parsed JSON body) of a request; body is sent as JSON, data as raw bytes."""
     if body is not None:
         data = json.dumps(body).encode("utf-8")
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -313,7 +314,8 @@ def test_piped_terminal_session_and_user_errors(checkpoint_path):
 
 
 def test_serve_from_the_command_line(checkpoint_path):
-    process = subprocess.Popen([sys.executable, "chat.py", "--ckpt", checkpoint_path, "--serve", "--port=0"],
+    process = subprocess.Popen([sys.executable, "chat.py", "--ckpt", checkpoint_path, "--serve", "--port=0",
+                                "--allowed_hosts=chat.example", "--allowed_origins=http://localhost:3000"],
                                cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -324,9 +326,59 @@ def test_serve_from_the_command_line(checkpoint_path):
         assert url.startswith("http://127.0.0.1:")  # loopback by default
         status, body = request(url + "/v1/chat/completions", {**HELLO, "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
+        # the allow settings reach the server; other names and sites stay out
+        assert request(url + "/v1/models", headers={"Host": "chat.example"})[0] == 200
+        assert request(url + "/v1/models", headers={"Host": "evil.example"})[0] == 403
+        assert request(url + "/v1/models", headers={"Origin": "http://localhost:3000"})[0] == 200
+        assert request(url + "/v1/models", headers={"Origin": "http://evil.example"})[0] == 403
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path):
+    # such a model replied with nothing (chat.py) or a crash in sampling; now both scripts refuse it at load
+    path = tmp_path / "diverged.pt"
+    model = random_model(vocab_size=267, max_seq_len=128)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
+                     "data_format": "chat", "iter_num": 0}, str(path))
+    for script, *args in (("chat.py", "--prompt=Hi"), ("sample.py", "--max_new_tokens=5")):
+        result = run_stage(script, f"--ckpt={path}", *args, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path}: weight layers.0.attention.wq.weight holds NaN" in result.stderr
+        assert result.stdout == ""
+
+
+def test_a_model_whose_output_overflows_stops_with_a_message(tmp_path):
+    # finite weights (so loading accepts them) whose logits overflow float32: generation stops with a message
+    path = tmp_path / "overflowing.pt"
+    model = random_model(vocab_size=267, max_seq_len=128, tie_embeddings=False)
+    with torch.no_grad():
+        model.output.weight.fill_(3e38)
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
+                     "data_format": "chat", "iter_num": 0}, str(path))
+    chat_result = run_stage("chat.py", f"--ckpt={path}", "--prompt=Hi")
+    assert "[the model's output is not finite" in chat_result.stdout
+    sample = run_stage("sample.py", f"--ckpt={path}", "--max_new_tokens=5", check=False)
+    assert sample.returncode == 1 and "Traceback" not in sample.stderr, sample.stderr
+    assert f"error: {path}: the model's output is not finite" in sample.stderr
+
+
+def test_sample_start_file_errors_name_the_file(checkpoint_path, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    for path, reason in ((tmp_path / "missing.txt", "there is no file"), (tmp_path, "is a folder"),
+                         (latin1, "is not UTF-8 text (byte 0xe9 at offset 3)")):
+        result = run_stage("sample.py", f"--ckpt={checkpoint_path}", f"--start=FILE:{path}", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and f"--start=FILE:{path}: " in error_lines[0] and reason in error_lines[0]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    assert run_stage("sample.py", f"--ckpt={checkpoint_path}", f"--start=FILE:{prompt}",
+                     "--max_new_tokens=3").returncode == 0
 
 
 # -----------------------------------------------------------------------------------------------------

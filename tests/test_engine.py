@@ -1,5 +1,6 @@
 """engine.py: the calculator (a whitelisted evaluator, never eval), the tool state machine, streaming text."""
 
+import random
 import time
 
 import pytest
@@ -8,19 +9,21 @@ import torch
 import engine
 from conftest import random_model
 from model import ModelArgs, Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, count_chunks, train_bpe
 
 
 class ScriptedModel(Transformer):
     """
     Transformer.generate's real loop (KV cache, sampling, stop tokens, tool hook) over a network that plays a
     script: reply(seen) -> the next token, where seen is every token fed in so far (prompt, sampled and forced).
-    All the probability goes to that token, so the script plays out at any temperature.
+    All the probability goes to that token, so the script plays out at any temperature. After nan_after forward
+    passes its logits are NaN, as a diverged model's are.
     """
 
-    def __init__(self, reply, vocab_size=267, max_seq_len=256, delay_s=0.0, interrupt_after=None):
+    def __init__(self, reply, vocab_size=267, max_seq_len=256, delay_s=0.0, interrupt_after=None, nan_after=None):
         super().__init__(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=vocab_size, max_seq_len=max_seq_len))
         self.reply, self.delay_s, self.interrupt_after = reply, delay_s, interrupt_after
+        self.nan_after = nan_after
         self.cache, self.seen, self.prompts = None, [], []
 
     def forward(self, tokens, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -34,6 +37,8 @@ class ScriptedModel(Transformer):
         time.sleep(self.delay_s)
         logits = torch.full((tokens.shape[0], tokens.shape[1], self.args.vocab_size), -1e4)
         logits[:, -1, self.reply(self.seen)] = 0.0
+        if self.nan_after is not None and self.steps > self.nan_after:
+            logits[:] = float("nan")
         return logits, None
 
 
@@ -249,3 +254,123 @@ def test_fit_conversation_leaves_out_the_oldest_turns(tokenizer):
     assert dropped == 2 and prompt == tokenizer.render_for_completion([messages[0], messages[3]])
     with pytest.raises(ValueError, match="too long"):
         engine.fit_conversation(tokenizer, messages, 10)
+
+
+def fit_by_rendering_again(tokenizer, messages, max_prompt_tokens):
+    """fit_conversation as it was until issue 20: the whole conversation rendered again per exchange left out."""
+    system = messages[:1] if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else []
+    turns = list(messages[len(system):])
+    dropped = 0
+    while True:
+        prompt = tokenizer.render_for_completion(system + turns)
+        if len(prompt) <= max_prompt_tokens:
+            return prompt, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the last message is too long: the prompt is {len(prompt)} tokens and the model's "
+                             f"context leaves room for {max_prompt_tokens}")
+        turns, dropped = turns[2:], dropped + 2
+
+
+def imported_tokenizer(chat_format):
+    """A small BPE in an imported model's chat format: ChatML with a default system message, or Llama 3."""
+    text = "the cat sat on the mat. What is 12 times 7? The answer is 84. naïve café, 日本語 text\n" * 20
+    trained = train_bpe(count_chunks([text]), 256 + 11 + 40)
+    names = {"chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+             "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}[chat_format]
+    specials = {name: len(trained.mergeable_ranks) + i for i, name in enumerate(names)}
+    return Tokenizer(trained.mergeable_ranks, trained.pattern, specials, chat_format=chat_format, bos_token=names[0],
+                     default_system="You are a helpful assistant." if chat_format == "chatml" else "")
+
+
+def random_conversation(rng, tool_parts):
+    """[system?] user, assistant, ..., user of random text; now and then malformed, as a client may send it."""
+    words = ["the", "cat", " sat", "12*7", "naïve", "日本", "  ", "\n", "What is 3 + 4?", "ok.", "The answer is 84"]
+
+    def text():
+        return "".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+
+    messages = [{"role": "system", "content": text()}] if rng.random() < 0.4 else []
+    for _ in range(rng.randint(0, 10)):
+        reply = text()
+        if tool_parts and rng.random() < 0.3:
+            reply = [{"type": "python", "text": "12*7"}, {"type": "python_output", "text": "84"},
+                     {"type": "text", "text": text()}]
+        messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": text()})
+    if rng.random() < 0.1:
+        messages.pop()  # ends with the assistant's turn
+    if rng.random() < 0.05:
+        messages[-1] = {"role": "user", "content": " "}  # empty content
+    return messages
+
+
+@pytest.mark.parametrize("chat_format", ["nanollama", "chatml", "llama3"])
+def test_fit_conversation_keeps_the_turns_that_rendering_again_kept(chat_format):
+    # counting each exchange once must leave out exactly the turns that rendering again and again did
+    tokenizer = Tokenizer.byte_level() if chat_format == "nanollama" else imported_tokenizer(chat_format)
+    rng = random.Random(20)
+    outcomes = set()
+    for _ in range(300):
+        messages = random_conversation(rng, tool_parts=chat_format == "nanollama")
+        max_prompt_tokens = rng.randint(1, 4 + sum(len(str(m["content"])) for m in messages) * 2)
+        results = []
+        for fit in (fit_by_rendering_again, engine.fit_conversation):
+            try:
+                results.append(fit(tokenizer, messages, max_prompt_tokens))
+            except ValueError as e:
+                results.append(str(e))
+        assert results[0] == results[1], (messages, max_prompt_tokens)
+        outcomes.add("error" if isinstance(results[0], str) else "whole" if results[0][1] == 0 else "cut")
+    assert outcomes == {"error", "whole", "cut"}  # every path was taken
+
+
+def test_fit_conversation_work_grows_linearly_with_the_conversation(tokenizer):
+    # 8,001 short messages held the server 107 s: every exchange left out meant rendering all the rest again
+    encoded_tokens = 0
+    encode = tokenizer.encode
+
+    def counting_encode(text, bos=False):
+        nonlocal encoded_tokens
+        ids = encode(text, bos)
+        encoded_tokens += len(ids)
+        return ids
+
+    tokenizer.encode = counting_encode
+    for n_exchanges in (100, 1000):
+        messages = [{"role": "system", "content": "Be brief."}]
+        for i in range(n_exchanges):
+            messages += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        messages.append({"role": "user", "content": "and the last one?"})
+        conversation_tokens = len(tokenizer.render_for_completion(messages))
+        encoded_tokens = 0
+        prompt, dropped = engine.fit_conversation(tokenizer, messages, 100)
+        assert len(prompt) <= 100 and dropped >= 2 * n_exchanges - 6
+        assert prompt == tokenizer.render_for_completion(messages[:1] + messages[1 + dropped:])
+        assert encoded_tokens <= 3 * conversation_tokens, (n_exchanges, encoded_tokens, conversation_tokens)
+
+
+# -----------------------------------------------------------------------------------------------------
+# broken models: NaN weights, NaN logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_raise_instead_of_sampling_garbage(tokenizer, temperature):
+    # greedy decoding of NaN logits gave token 0 forever; sampling gave torch's own error from multinomial
+    model = ScriptedModel(text_script(tokenizer, "hello"), nan_after=3)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hi"}])
+    tokens = []
+    with pytest.raises(engine.NonFiniteLogitsError, match="not finite"):
+        for step, _ in engine.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=temperature):
+            tokens.append(step[0])
+    assert tokens == tokenizer.encode("hel")  # the steps before came through
+    assert not model._forward_hooks  # the check leaves with its generation
+
+
+def test_check_weights_names_the_checkpoint_and_the_first_broken_tensor():
+    model = random_model()
+    engine.check_weights(model, "out/best.pt")  # a healthy model passes
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
+        model.norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"^out/best.pt: weight layers\.1\.feed_forward\.w2\.weight holds NaN"):
+        engine.check_weights(model, "out/best.pt")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import asdict, fields
 
@@ -31,21 +32,79 @@ def save_checkpoint(checkpoint, path):
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
+class RecordingFile:
+    """A file that remembers the OSError of a failed write: torch.save reports a disk that filled up as
+    'unexpected pos 704 vs 598', so the real cause (No space left on device) would be lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def write_atomically(path, write):
-    """write(f) into a temporary file, fsync, then rename it to path: readers see the old file or the new one."""
+    """
+    write(f) into a temporary file (path.tmp<pid>), fsync, then rename it to path: readers see the old file
+    or the new one. A write that fails (a full disk) removes the temporary file and raises OSError naming
+    path and the cause; path itself is untouched.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    f = None
+    try:
+        with open(tmp_path, "wb") as raw:
+            f = RecordingFile(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as e:  # Ctrl-C mid-save too: no temporary file is left behind
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        cause = (f.error if f is not None else None) or (e if isinstance(e, OSError) else None)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        raise OSError(f"could not write {path}: {reason} ({path} itself is unchanged)") from e
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+STALE_TEMPORARY = re.compile(r".+\.tmp(\d+)$")  # write_atomically's path.tmp<pid>
+
+
+def remove_stale_temporary_files(directory):
+    """
+    Remove the temporary files of saves that never finished (the process was killed: SIGKILL, a power cut)
+    from directory; a file whose process still runs is left alone. Returns the names removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = STALE_TEMPORARY.fullmatch(name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # it exists, and belongs to someone else
+            continue
+        os.remove(os.path.join(directory, name))
+        removed.append(name)
+    return removed
 
 
 def checkpoint_sha256(path):
@@ -309,6 +368,20 @@ def load_state_dict_checked(model, state_dict, source):
             lines.append(f"  unexpected: {unexpected[:5]}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict)
+
+
+def write_model_safetensors(model, tokenizer, path, data_format="text", iter_num=0):
+    """
+    A model as one .safetensors file, written atomically: our weights under our names (a tied head is stored
+    once, as the embedding), and in its metadata what read_checkpoint needs to rebuild it: the model
+    arguments, the tokenizer, the data format and the step (docs/formats.md). Merge LoRA adapters first.
+    """
+    state = {name: t for name, t in model.state_dict().items()
+             if not (name == "output.weight" and model.args.tie_embeddings)}
+    metadata = {"format": "nanollama", "model_args": json.dumps(asdict(model.args)),
+                "tokenizer": tokenizer.to_json(), "tokenizer_sha256": tokenizer.sha256,
+                "data_format": data_format, "iter_num": str(iter_num)}
+    write_safetensors(state, path, metadata)
 
 
 def read_checkpoint(path, device="cpu"):

@@ -31,6 +31,18 @@ def fail(message):
     sys.exit(1)
 
 
+def check_writable_dir(path):
+    """
+    Create folder path if needed and check that files can be written in it (a read-only folder or disk, a
+    path through a file): raises OSError with the cause, before hours of work rather than at their end.
+    """
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test{os.getpid()}")
+    with open(probe, "wb") as f:
+        f.write(b"x")
+    os.remove(probe)
+
+
 # -----------------------------------------------------------------------------------------------------
 # device and dtype: one rule for every stage
 
@@ -90,40 +102,82 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12
                   "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-def measure_matmul_flops(device="cpu", dtype=None, size=1024, seconds=0.5, trials=5):
+def model_matmul_shapes(model, n_tokens, largest=1024):
     """
-    Measured FLOP/s of a square matmul on this device: the practical peak that MFU is taken against on CPU.
-    The best of several short trials, because a peak is a maximum: one trial that shares the CPU with another
-    process for a moment would understate it (and overstate MFU).
+    The matmuls a training step of model runs, as (m, k, n) for an (m, k) @ (k, n) product: for each linear
+    layer over n_tokens rows, the forward pass and the two of the backward pass (input and weight gradients).
+    Each size is capped at `largest`, so that measuring a big model's shapes stays short.
     """
     import torch
-    dtype = dtype or torch.float32
+    shapes = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            d_in, d_out = module.in_features, module.out_features
+            for m, k, n in ((n_tokens, d_in, d_out), (n_tokens, d_out, d_in), (d_out, n_tokens, d_in)):
+                shapes.add((min(m, largest), min(k, largest), min(n, largest)))
+    return sorted(shapes)
+
+
+SQUARE_MATMULS = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024))
+
+
+def measure_matmul_flops(device="cpu", dtype=None, shapes=SQUARE_MATMULS, seconds=1.0):
+    """
+    The fastest matmul of this device in FLOP/s, with torch's current threads: the best single call among
+    `shapes` ((m, k, n): an (m, k) @ (k, n) product), each called again and again for its share of `seconds`.
+    Returns (peak, {shape: best FLOP/s}). The best single call, because a peak is a maximum: a CPU shared
+    with other processes is taken away now and then, and a short call often runs whole.
+    """
+    import torch
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout, resume) alone
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    a @ b  # warm up
-    best = 0.0
-    for _ in range(trials):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / trials:
+    synchronize = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.split(":")[0])
+    rates = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, generator=generator).to(dtype)
+        b = torch.randn(k, n, device=device, generator=generator).to(dtype)
+        a @ b  # warm up
+        if synchronize:
+            synchronize()
+        best, start = 0.0, time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
             a @ b
-            n += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = max(best, 2 * size ** 3 * n / (time.perf_counter() - t0))
-    return best
+            if synchronize:  # a GPU runs asynchronously: wait for the product
+                synchronize()
+            t1 = time.perf_counter()
+            best = max(best, 2 * m * k * n / (t1 - t0))
+            if t1 - start > seconds / len(shapes):
+                break
+        rates[m, k, n] = best
+    return max(rates.values()), rates
 
 
-def peak_flops(device):
-    """The FLOP/s that MFU is measured against: the GPU's bf16 peak, or this CPU's measured fp32 matmul peak."""
+def peak_flops(device, dtype=None, matmul_shapes=()):
+    """
+    The FLOP/s that MFU is measured against. A GPU: its bf16 peak from the table (measured when it is not
+    there). A CPU: torch's threads x the best matmul rate of one thread, in the training dtype, over a few
+    squares and the model's own matmuls (model_matmul_shapes) -- the rate every thread could reach at best.
+    Not a measurement with all threads at once: on a CPU shared with other processes, threads that wait for
+    each other made a 1024^3 probe run at 15 GFLOP/s on a 2-core AVX2 EPYC that does 88 per core, and the
+    training matmuls, smaller and in cache, then showed MFU over 100%.
+    """
     import torch
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, value in GPU_PEAK_FLOPS.items():
             if key in name:
                 return value
-        return measure_matmul_flops(device, torch.bfloat16, size=4096)
-    return measure_matmul_flops(device)
+        return measure_matmul_flops(device, torch.bfloat16, shapes=((4096, 4096, 4096),))[0]
+    if device.startswith("mps"):
+        return measure_matmul_flops(device, dtype, shapes=SQUARE_MATMULS + tuple(matmul_shapes))[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_thread = measure_matmul_flops(device, dtype, shapes=SQUARE_MATMULS + tuple(matmul_shapes))[0]
+    finally:
+        torch.set_num_threads(threads)
+    return threads * per_thread
 
 
 # -----------------------------------------------------------------------------------------------------

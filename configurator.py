@@ -145,11 +145,14 @@ def read_config_file(path, settings):
         exec(compile(source, path, "exec"), scope)
     except Exception as e:
         raise ConfigError(f"{path}: error while running the config file: {type(e).__name__}: {e}") from e
-    return {key: value for key, value in scope.items()
-            if not key.startswith("_") and type(value).__name__ not in ("module", "function", "type")}
+    # only the names the file assigns: the others are the settings it was given, not ones it sets
+    assigned = {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)
+                and isinstance(node.ctx, ast.Store)}
+    return {key: scope[key] for key in assigned if key in scope and not key.startswith("_")
+            and type(scope[key]).__name__ not in ("module", "function", "type")}
 
 
-def apply_arguments(namespace, argv, verbose, positional):
+def apply_arguments(namespace, argv, verbose, positional, given):
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     argv = equals_form(argv, defaults)
@@ -172,10 +175,12 @@ def apply_arguments(namespace, argv, verbose, positional):
                     if positional else ""
                 raise ConfigError(f"{unknown_key_error(key, keys, path)}{hint}")
             settings[key] = check_type(key, value, defaults[key], path)
+            given.add(key)
         if verbose:
             print(f"config: read {path}", file=sys.stderr)
     if any(inputs):
         settings[positional] = ",".join(i for i in inputs if i)
+        given.add(positional)
         if verbose:
             print(f"config: {positional} = {settings[positional]!r}", file=sys.stderr)
     for arg in argv:
@@ -188,6 +193,7 @@ def apply_arguments(namespace, argv, verbose, positional):
             raise unknown_key_error(key, keys, f"option {arg!r}")
         value = parse_override_value(raw, defaults[key])
         settings[key] = check_type(key, value, defaults[key], f"option {arg!r}")
+        given.add(key)
         if verbose:
             print(f"config: {key} = {settings[key]!r}", file=sys.stderr)
     namespace.update(settings)
@@ -246,19 +252,22 @@ def settings_help(namespace, positional=None):
     return "\n".join(lines)
 
 
-def configure(namespace, argv=None, verbose=True, positional=None):
+def configure(namespace, argv=None, verbose=True, positional=None, given=None):
     """
     Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the settings found in
-    namespace (a script's globals()). Updates namespace in place and returns the final settings.
+    namespace (a script's globals()). Updates namespace in place and returns the final settings. A set passed
+    as `given` receives the keys that a config file or an override set (whatever their value), for a script
+    that must tell a setting the user chose from one left at its default (train.py's model shape).
     """
+    given = set() if given is None else given
     if argv is not None:
-        return apply_arguments(namespace, argv, verbose, positional)
+        return apply_arguments(namespace, argv, verbose, positional, given)
     argv = sys.argv[1:]
     if any(arg in ("-h", "--help") for arg in argv):
         print(settings_help(namespace, positional))
         sys.exit(0)
     try:
-        return apply_arguments(namespace, argv, verbose, positional)
+        return apply_arguments(namespace, argv, verbose, positional, given)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -64,10 +64,10 @@ import sys
 import numpy as np
 import regex
 import torch
-from dataclasses import asdict
 
 from configurator import ConfigError, configure
-from checkpoint import hf_config, hf_state_dict, load_checkpoint, write_atomically, write_safetensors
+from checkpoint import (hf_config, hf_state_dict, load_checkpoint, write_atomically, write_model_safetensors,
+                        write_safetensors)
 from tokenizer import hf_tokenizer_files
 from tokenizer import GPT4_SPLIT_PATTERN
 
@@ -319,12 +319,8 @@ def write_hf(model, tokenizer, folder):
 
 def write_bare_safetensors(model, tokenizer, checkpoint, path):
     """Our weights under our names; the model arguments and the tokenizer ride along in the metadata."""
-    state = {name: t for name, t in model.state_dict().items()
-             if not (name == "output.weight" and model.args.tie_embeddings)}  # a tied head is the embedding
-    metadata = {"format": "nanollama", "model_args": json.dumps(asdict(model.args)), "tokenizer": tokenizer.to_json(),
-                "tokenizer_sha256": tokenizer.sha256, "data_format": checkpoint.get("data_format", "text"),
-                "iter_num": str(checkpoint.get("iter_num", 0))}
-    write_safetensors(state, path, metadata)
+    write_model_safetensors(model, tokenizer, path, checkpoint.get("data_format", "text"),
+                            checkpoint.get("iter_num", 0))
 
 
 def write_npz(model, tokenizer, checkpoint, path):

@@ -10,6 +10,7 @@ batches (text windows, or whole conversations with a loss mask) come from data.p
 optimizer from model.py; checkpoints are read and written by checkpoint.py.
 """
 
+import copy
 import math
 import os
 import time
@@ -20,12 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import build_model, lora_base_entries, read_checkpoint, save_checkpoint
-from common import StopSignals, append_jsonl, fail, peak_flops, plot_losses, setup_device
+import engine
+from checkpoint import (build_model, lora_base_entries, read_checkpoint, remove_stale_temporary_files,
+                        save_checkpoint, write_model_safetensors)
+from common import (StopSignals, append_jsonl, check_writable_dir, fail, model_matmul_shapes, peak_flops,
+                    plot_losses, setup_device)
 from configurator import configure
 from data import Batches
 from model import (ModelArgs, Transformer, apply_lora, configure_optimizer, count_params, flops_per_token,
-                   lora_state_dict)
+                   lora_state_dict, merge_lora)
 
 # -----------------------------------------------------------------------------------------------------
 # I/O
@@ -35,8 +39,14 @@ log_interval = 10  # print (and log to out_dir/log.jsonl) every this many steps
 eval_iters = 20  # batches per split per evaluation
 eval_only = False  # evaluate once and exit
 keep_all_checkpoints = False  # also write ckpt_<iter>.pt at every evaluation
+save_safetensors = False  # also write best.safetensors (weights, model args, tokenizer) at each new best val
+#                          loss; a LoRA run writes the merged weights
+sample_prompts = ""  # '|'-separated prompts: print and log (log.jsonl) a greedy sample of each at every
+#                     evaluation; a chat model answers each as a user turn
+sample_max_new_tokens = 32  # the length of those samples
 patience = 0  # stop after this many evaluations without a better val loss; 0 = never
-init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt or .safetensors to fine-tune from |
+init_from = "scratch"  # 'scratch' | 'resume' (continue out_dir/ckpt.pt: same schedule, same optimizer) |
+#                       a .pt or .safetensors to fine-tune from (a fresh optimizer and schedule) |
 #                       'hf:DIR' a Hugging Face model folder (or a Hub id such as
 #                       HuggingFaceTB/SmolLM2-135M-Instruct)
 overwrite = False  # allow a run from scratch to replace an existing out_dir/ckpt.pt
@@ -61,7 +71,7 @@ lora_rank = 0  # 0 = off (full fine-tuning)
 lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = "q,v"  # any of q, k, v, o (attention), gate, up, down (feed-forward)
-# model (ignored when resuming or fine-tuning: the checkpoint decides the shape)
+# model (when resuming or fine-tuning the checkpoint decides the shape: one given that differs is an error)
 dim = 288
 n_layers = 6
 n_heads = 6
@@ -92,8 +102,21 @@ seed = 1337
 deterministic = False  # bitwise-repeatable runs (slower on GPU)
 num_threads = 0  # CPU threads for torch; 0 = torch's default (all cores)
 # -----------------------------------------------------------------------------------------------------
-config = configure(globals())
+given_settings = set()  # filled by configure: the settings a config file or an override set
+config = configure(globals(), given=given_settings)
 # -----------------------------------------------------------------------------------------------------
+# the model-shape settings the user gave (a config file or an override): when resuming or fine-tuning, the
+# checkpoint decides the shape, and a given one that differs is an error (0 = derived: nothing to compare)
+MODEL_SHAPE_SETTINGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "multiple_of", "norm_eps",
+                        "rope_theta", "max_seq_len", "tie_embeddings")
+given_shape = {key: config[key] for key in MODEL_SHAPE_SETTINGS if key in given_settings
+               and not (key in ("n_kv_heads", "hidden_dim", "max_seq_len") and config[key] == 0)}
+# what a resumed run compares with the run that wrote its checkpoint, to say what changed
+RESUME_SETTINGS = ("data", "data_dir", "loss_mask", "batch_size", "block_size", "gradient_accumulation_steps",
+                   "seed", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr",
+                   "max_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+EXPLODED_RMS_FACTOR = 1000  # weights whose RMS grew this many times during a run blew up (check_weights)
+prompts = [prompt.strip() for prompt in sample_prompts.split("|") if prompt.strip()]
 
 ddp = "RANK" in os.environ  # run by torchrun, which sets RANK, LOCAL_RANK and WORLD_SIZE
 rank, local_rank, world_size = (int(os.environ.get(key, default))
@@ -102,6 +125,8 @@ master = rank == 0  # the one process that prints, logs and saves
 # the one device and dtype rule of every stage (common.py); float16 needs the gradient scaler below
 device, device_type, dtype, autocast = setup_device(device, dtype, seed + rank, num_threads,
                                                     local_rank if ddp else None)
+config.update(device=device, dtype=dtype)  # checkpoints record what ran, not 'auto'
+dtype_hint = "" if dtype == "float32" else " or use --dtype=float32"  # for a loss or weights that blew up
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if deterministic:
@@ -123,24 +148,42 @@ except (FileNotFoundError, ValueError) as e:
 tokenizer = batches.tokenizer  # the data's tokenizer, saved in every checkpoint
 for line in batches.summary():
     log(line)
+if decay_lr and min_lr > learning_rate:  # a low --learning_rate for fine-tuning, min_lr left at its default
+    log(f"warning: min_lr={min_lr:g} is above learning_rate={learning_rate:g}: the rate would rise as it "
+        "'decays'; set --min_lr as well")
 if num_epochs > 0:
     max_iters = batches.steps_for_epochs(num_epochs)
+    config["max_iters"] = max_iters
     log(f"num_epochs={num_epochs}: {max_iters} steps")
+# the data's token counts: a resumed run notices data prepared again under the same name
+data_tokens = {name: {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
+               for name, meta in batches.metas.items()}
 
 # -----------------------------------------------------------------------------------------------------
 # the model: from scratch, or from a checkpoint (init_from=resume continues out_dir/ckpt.pt exactly)
 
-if master:
-    os.makedirs(out_dir, exist_ok=True)
+if master and not eval_only:
+    try:
+        check_writable_dir(out_dir)  # now, not at the first save after an hour of training
+    except OSError as e:
+        fail(f"out_dir={out_dir}: {e}; choose another --out_dir")
+    for name in remove_stale_temporary_files(out_dir):
+        log(f"removed {out_dir}/{name}: the unfinished save of a run that was killed")
 ckpt_path, best_ckpt_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
 log_path = os.path.join(out_dir, "log.jsonl")
+best_safetensors_path = os.path.join(out_dir, "best.safetensors")
 checkpoint, lora_entries = None, {}  # lora_entries: what every checkpoint of a LoRA run says about it
+if init_from not in ("scratch", "resume") and os.path.exists(init_from) and not eval_only and \
+        any(os.path.exists(p) and os.path.samefile(init_from, p) for p in (ckpt_path, best_ckpt_path,
+                                                                           best_safetensors_path)):
+    fail(f"--init_from={init_from} is one of this out_dir's own checkpoints, which the fine-tune would "
+         "overwrite: choose another --out_dir")
+if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite and not eval_only:
+    fail(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with --overwrite=True "
+         "(or another --out_dir)")
 if init_from == "scratch":
     if lora_rank:
         fail("LoRA trains adapters on a trained model: set --init_from to its checkpoint")
-    if os.path.exists(ckpt_path) and not overwrite and not eval_only:
-        fail(f"{ckpt_path} exists: continue it with --init_from=resume, or start over with --overwrite=True "
-             "(or another --out_dir)")
     try:
         model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                       vocab_size=tokenizer.vocab_size, hidden_dim=hidden_dim, dropout=dropout,
@@ -156,6 +199,13 @@ else:
             fail(f"{load_path} was trained with another tokenizer than the data in "
                  f"{data_dir}/{batches.names[0]} (tokenizer_sha256 differs); prepare the data with the "
                  "checkpoint's tokenizer")
+        saved_args = checkpoint["model_args"]
+        differing = [f"{key}={value!r} given, {saved_args.get(key)!r} in the checkpoint"
+                     for key, value in given_shape.items() if value != saved_args.get(key)]
+        if differing:
+            fail(f"{load_path} is a model of another shape: {'; '.join(differing)}. Resuming and fine-tuning "
+                 "keep the checkpoint's shape: leave these settings out, or train from scratch in another "
+                 "--out_dir")
         checkpoint["model_args"]["dropout"] = dropout  # it may change between pretraining and fine-tuning
         model = build_model(checkpoint, load_path)  # a LoRA checkpoint comes back on its verified base model
         # LoRA: adapters on the frozen model; checkpoints hold only them and name their base (checkpoint.py)
@@ -179,19 +229,48 @@ model.to(device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # float16 gradients need scaling
 iter_num, best_val_loss, best_iter, evals_without_improvement, tokens_seen = 0, float("inf"), -1, 0, 0
+saved_at = {}  # path -> step of each checkpoint this run stands on: what is left if it stops with an error
 if init_from == "resume":
+    iter_num = checkpoint["iter_num"]
+    if iter_num > max_iters and not eval_only:
+        fail(f"{ckpt_path} is at step {iter_num}, past max_iters={max_iters}: resuming continues a run's "
+             "own schedule and would train nothing. To fine-tune these weights with a fresh optimizer and "
+             f"schedule, use --init_from={ckpt_path} (and another --out_dir); to train this run longer, "
+             "raise --max_iters")
     optimizer.load_state_dict(checkpoint["optimizer"])
+    # the optimizer state carries the betas and weight decay of the run that saved it: this run's settings win
+    for group in optimizer.param_groups:
+        group["betas"] = (beta1, beta2)
+    optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0 holds the decayed matrices
     scaler.load_state_dict(checkpoint.get("scaler", scaler.state_dict()))
-    iter_num, best_val_loss, best_iter = (checkpoint[k] for k in ("iter_num", "best_val_loss", "best_iter"))
+    best_val_loss, best_iter = checkpoint["best_val_loss"], checkpoint["best_iter"]
     evals_without_improvement = checkpoint["evals_without_improvement"]
     tokens_seen = checkpoint["tokens_seen"]
     torch.set_rng_state(checkpoint["rng_state"]["torch"])
     if device_type == "cuda" and checkpoint["rng_state"].get("cuda") is not None:
         torch.cuda.set_rng_state(checkpoint["rng_state"]["cuda"])
     log(f"resuming from {ckpt_path} at step {iter_num}")
+    # a resumed run continues exactly when nothing changed; say what did
+    saved_config = checkpoint.get("config", {})
+    changes = [f"{key} {saved_config[key]!r} -> {config[key]!r}" for key in RESUME_SETTINGS
+               if key in saved_config and saved_config[key] != config[key]]
+    data_prepared_again = checkpoint.get("data_tokens", data_tokens) != data_tokens
+    if data_prepared_again:
+        changes.append(f"the token counts of data={data!r} (prepared again?)")
+    data_changed = data_prepared_again or saved_config.get("data", data) != data
+    if data_changed:  # a val loss on other data is no measure of this data: best.pt starts over
+        best_val_loss, best_iter, evals_without_improvement = float("inf"), -1, 0
+    if changes:
+        best_note = "; the best val loss starts over on the new data" if data_changed else ""
+        log(f"warning: settings changed since {ckpt_path} was written: {'; '.join(changes)}. The optimizer "
+            f"state and the learning-rate schedule continue from step {iter_num}{best_note}. To fine-tune "
+            f"these weights with a fresh schedule instead, use --init_from={ckpt_path} and another --out_dir")
+    saved_at[ckpt_path] = iter_num
+    if os.path.exists(best_ckpt_path) and best_iter >= 0:
+        saved_at[best_ckpt_path] = best_iter
 elif checkpoint is not None:
     log(f"initialized from {init_from} (fresh optimizer and schedule)")
-checkpoint = None  # free the memory
+checkpoint_loaded, checkpoint = checkpoint is not None, None  # free the memory
 if master and init_from != "resume" and not eval_only and os.path.exists(log_path):
     os.remove(log_path)  # a new run starts a new log; a resumed one appends
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -207,11 +286,15 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 flops_per_token_at_block = flops_per_token(model_args, block_size)
-peak_flops_per_device = peak_flops(device) if master else 1.0
+# MFU's peak: on a CPU measured for this model's own matmuls (common.peak_flops says why)
+peak_flops_per_device = peak_flops(device, dtype, model_matmul_shapes(raw_model, batch_size * block_size)) \
+    if master else 1.0
+peak_text = f"{peak_flops_per_device / 1e12:.1f} TFLOP/s" if device_type != "cpu" else \
+    f"{peak_flops_per_device / 1e9:,.1f} GFLOP/s ({torch.get_num_threads()} x a thread's best {dtype} matmul)"
 log(f"model: {count_params(raw_model) / 1e6:.2f}M parameters ({model_args.n_layers} layers, "
     f"dim {model_args.dim}, {model_args.n_heads} heads, {model_args.n_kv_heads} kv heads, "
     f"hidden {model_args.hidden_dim}, vocab {model_args.vocab_size}); device {device}, dtype {dtype}, "
-    f"MFU against {peak_flops_per_device / 1e12:.2f} TFLOP/s")
+    f"MFU against {peak_text}")
 
 
 def get_lr(it):
@@ -248,8 +331,8 @@ def make_checkpoint(with_training_state):
     """This run's checkpoint (docs/formats.md); with the training state, what an exact resume needs too."""
     checkpoint = {"model_args": asdict(model_args), "tokenizer": tokenizer.to_json(),
                   "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": batches.format,
-                  "iter_num": iter_num, "best_val_loss": best_val_loss, "best_iter": best_iter,
-                  "tokens_seen": tokens_seen + tokens_since_start, **lora_entries}
+                  "data_tokens": data_tokens, "iter_num": iter_num, "best_val_loss": best_val_loss,
+                  "best_iter": best_iter, "tokens_seen": tokens_seen + tokens_since_start, **lora_entries}
     if lora_entries:
         checkpoint["adapters"] = lora_state_dict(raw_model)  # the base's weights stay in the base checkpoint
     else:
@@ -262,6 +345,80 @@ def make_checkpoint(with_training_state):
     return checkpoint
 
 
+def weight_rms():
+    """The root mean square of all the weights (a LoRA run's frozen ones too): one cheap pass over them."""
+    params = list(raw_model.parameters())
+    squares = torch.stack([p.detach().float().pow(2).sum() for p in params]).sum()
+    return math.sqrt(squares.item() / sum(p.numel() for p in params))
+
+
+def last_good_checkpoints():
+    """What is left when the run stops with an error: its checkpoints, all written from sound weights."""
+    if saved_at:
+        return "the last good checkpoints: " + ", ".join(f"{path} (step {n})" for path, n in saved_at.items())
+    untouched = f"; {init_from} is untouched" if checkpoint_loaded else ""
+    return f"no checkpoint of this run was written{untouched}"
+
+
+def check_weights():
+    """
+    Before every save: refuse weights that blew up, so that a diverging run (a learning rate far too high,
+    an overflow) never overwrites ckpt.pt or best.pt. Blown up means non-finite, or an RMS above
+    EXPLODED_RMS_FACTOR x the RMS this run started from: healthy training changes it a few times (10x after
+    300 steps of a tiny model at a learning rate of 3e-2 without weight decay), while one step at a learning
+    rate of 1e6 multiplies it by 1e7 -- and can still "improve" the val loss.
+    """
+    rms = weight_rms()
+    if math.isfinite(rms) and rms <= EXPLODED_RMS_FACTOR * start_weight_rms:
+        return
+    what = "are not finite" if not math.isfinite(rms) else \
+        f"blew up (RMS {rms:.3g}, {rms / start_weight_rms:,.0f}x the {start_weight_rms:.3g} at the start)"
+    fail(f"the weights at step {iter_num} {what}; not saved. Lower --learning_rate{dtype_hint}; "
+         f"{last_good_checkpoints()}")
+
+
+def save(path, with_training_state):
+    """A checkpoint of the current weights at path, after check_weights; a failed write names its cause."""
+    check_weights()
+    try:
+        save_checkpoint(make_checkpoint(with_training_state), path)
+    except OSError as e:  # a full disk: the message names the path and the cause, the old file is intact
+        fail(f"{e}; free some space or choose another --out_dir; {last_good_checkpoints()}")
+    if path in (ckpt_path, best_ckpt_path):
+        saved_at[path] = iter_num
+
+
+def save_best_safetensors():
+    """best.safetensors: the weights alone, for other tools (and read_checkpoint); a LoRA run merged."""
+    check_weights()
+    weights = merge_lora(copy.deepcopy(raw_model)) if lora_entries else raw_model
+    try:
+        write_model_safetensors(weights, tokenizer, best_safetensors_path, batches.format, iter_num)
+    except OSError as e:
+        fail(f"{e}; free some space or choose another --out_dir; {last_good_checkpoints()}")
+
+
+@torch.no_grad()
+def print_samples():
+    """A greedy sample for each of sample_prompts, printed and logged: what the model writes, evaluation by
+    evaluation. Through the one generation engine; a chat model answers each prompt as a user turn."""
+    raw_model.eval()
+    chat = batches.format == "chat"
+    for prompt_text in prompts:
+        if chat:
+            prompt = tokenizer.render_for_completion([{"role": "user", "content": prompt_text}])
+            stop_tokens = [tokenizer.assistant_end_id, tokenizer.bos_id]
+        else:
+            prompt, stop_tokens = tokenizer.encode(prompt_text, bos=True), [tokenizer.bos_id]
+        pieces = engine.generate_text(raw_model, tokenizer, prompt, max_new_tokens=sample_max_new_tokens,
+                                      temperature=0.0, tools=chat, stop_tokens=stop_tokens)
+        text = "".join(piece[0] for _, piece in pieces)
+        log(f"sample: {prompt_text!r} -> {text!r}")
+        if not eval_only:
+            append_jsonl(log_path, {"type": "sample", "iter": iter_num, "prompt": prompt_text, "text": text})
+    raw_model.train()
+
+
 if wandb_log and master:
     try:
         import wandb  # only here: an optional dependency
@@ -269,6 +426,9 @@ if wandb_log and master:
         fail("wandb_log=True needs wandb: pip install wandb (it runs offline with WANDB_MODE=offline)")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 stop = StopSignals(f"finishing this step, then saving {ckpt_path}")  # Ctrl-C and SIGTERM: save, exit 0
+start_weight_rms = weight_rms()  # check_weights compares with it
+if not math.isfinite(start_weight_rms):
+    fail(f"init_from={init_from!r}: the weights are not finite; start from a sound checkpoint")
 
 # -----------------------------------------------------------------------------------------------------
 # the training loop
@@ -283,7 +443,7 @@ while True:
     if iter_num % eval_interval == 0 or last_step or eval_only:
         # save first: a crash or out-of-memory during evaluation must not lose the steps since the last one
         if master and iter_num > start_iter:
-            save_checkpoint(make_checkpoint(True), ckpt_path)
+            save(ckpt_path, with_training_state=True)
         t_eval = time.time()
         losses = estimate_loss()
         eval_seconds = time.time() - t_eval
@@ -306,12 +466,16 @@ while True:
             append_jsonl(log_path, {"type": "eval", "iter": iter_num, **losses,
                                     "best_val_loss": best_val_loss, "time_s": round(train_time, 3)})
             if improved and iter_num > 0:
-                save_checkpoint(make_checkpoint(False), best_ckpt_path)
+                save(best_ckpt_path, with_training_state=False)
+                if save_safetensors:
+                    save_best_safetensors()
             if keep_all_checkpoints and iter_num > 0:
-                save_checkpoint(make_checkpoint(False), os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt"))
+                save(os.path.join(out_dir, f"ckpt_{iter_num:06d}.pt"), with_training_state=False)
             plot_losses(log_path, os.path.join(out_dir, "loss.png"), f"{out_dir}: {data}")
             if wandb_log:
                 wandb.log({"iter": iter_num, **{k: v for k, v in losses.items() if not isinstance(v, dict)}})
+        if master and prompts:
+            print_samples()
         if eval_only:
             break
         if patience and evals_without_improvement >= patience:
@@ -384,14 +548,15 @@ while True:
                 wandb.log(record)
 
     if not math.isfinite(step_loss):
-        fail(f"the loss is {step_loss} at step {iter_num}: lower --learning_rate or use --dtype=float32")
+        fail(f"the loss is {step_loss} at step {iter_num}: lower --learning_rate{dtype_hint}; "
+             f"{last_good_checkpoints()}")
     if ddp:  # every process must stop at the same step
         flag = torch.tensor(float(stop.requested), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop.requested = flag.item() > 0
     if stop.requested:
         if master:
-            save_checkpoint(make_checkpoint(True), ckpt_path)
+            save(ckpt_path, with_training_state=True)
         log(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
         break
 

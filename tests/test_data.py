@@ -1,6 +1,8 @@
 """data.py's batches: a pure function of (seed, split, step, micro-step, rank), chat masks, DDP shares, errors."""
 
 import random
+import re
+import shutil
 
 import pytest
 import torch
@@ -147,3 +149,29 @@ def test_clear_errors(data_dir, tmp_path, tokenizer):
     prepare_text_source(tmp_path / "text", text, tokenizer)
     with pytest.raises(ValueError, match="prepared with different tokenizers"):
         batches(tmp_path, "text,other")
+
+
+def test_token_files_are_checked_against_meta_json_and_the_vocabulary(data_dir, tmp_path):
+    """A file cut short, one from another preparation, an id past the vocabulary: each refused at start with
+    the file's name, instead of numpy's 'not a multiple of the data-type size' or an IndexError mid-run."""
+    def damaged(source, name, change):
+        shutil.copytree(data_dir / source, tmp_path / name)
+        path = tmp_path / name / change[0]
+        data = bytearray(path.read_bytes())
+        change[1](data)
+        path.write_bytes(bytes(data))
+        return str(path)
+
+    path = damaged("text", "odd", ("train.bin", lambda d: d.extend(b"\x01")))
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: [\d,]+ bytes is not a whole number"):
+        batches(tmp_path, "odd")
+    path = damaged("text", "longer", ("val.bin", lambda d: d.extend(b"\x01\x00")))
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)} holds [\d,]+ tokens but .*meta.json counts"):
+        batches(tmp_path, "longer")
+    path = damaged("chat", "mask", ("train.mask.bin", lambda d: d.pop()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)} holds [\d,]+ mask entries but"):
+        batches(tmp_path, "mask")
+    token_300_at_50 = ("train.bin", lambda d: d.__setitem__(slice(100, 102), (300).to_bytes(2, "little")))
+    path = damaged("text", "foreign", token_300_at_50)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: token id 300 at position 50 is outside"):
+        batches(tmp_path, "foreign")

@@ -1,6 +1,8 @@
 """train.py end to end on real text: learning, exact resume, signals, atomic saves, DDP, clear errors."""
 
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import torch
 
 from conftest import REPO, TINY_TRAIN, prepare_text_source, read_log, run_stage, sample_file
 from checkpoint import load_checkpoint
+from common import measure_matmul_flops
+from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 
@@ -158,3 +162,136 @@ def test_ddp_two_processes_match_one_with_double_accumulation(data_dir, tmp_path
     wb = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     assert "ddp/ckpt.pt" not in result.stdout or True  # only rank 0 writes; nothing else to check here
+
+
+# -----------------------------------------------------------------------------------------------------
+# nothing lost, nothing stalls: a diverging run, a full disk, a read-only out_dir, a true MFU
+# (a byte-level tokenizer on random words: no shared data, no tokenizer training)
+
+WORDS = "the cat sat on a mat while two dogs ran past the old red barn and one bird sang".split()
+WORDS_RUN = ["--dim=32", "--n_layers=1", "--n_heads=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+             "--log_interval=1", "--warmup_iters=2", "--num_threads=1", "--data=words"]
+
+
+@pytest.fixture(scope="module")
+def words_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("words")
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(300))
+    prepare_text_source(root / "words", text, Tokenizer.byte_level())
+    return root
+
+
+def test_a_diverging_run_never_overwrites_the_good_checkpoints(words_dir, tmp_path):
+    out = tmp_path / "out"
+    run_stage("train.py", *WORDS_RUN, f"--data_dir={words_dir}", f"--out_dir={out}", "--max_iters=10",
+              "--eval_interval=10", "--learning_rate=1e-2")
+    good = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    # one step at this rate makes the weights huge but finite, and the val loss can still "improve"
+    result = run_stage("train.py", *WORDS_RUN, f"--data_dir={words_dir}", f"--out_dir={out}",
+                       "--init_from=resume", "--max_iters=20", "--eval_interval=1", "--learning_rate=1e6",
+                       check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{out / 'ckpt.pt'} (step 10)" in result.stderr  # the error names the last good checkpoint
+    assert "--dtype=float32" not in result.stderr  # the run is float32 already
+    for name in ("ckpt.pt", "best.pt"):
+        checkpoint = torch.load(out / name, weights_only=True)
+        assert checkpoint["iter_num"] == 10
+        assert all(torch.equal(good[k], checkpoint["model"][k]) for k in good)
+    assert not list(out.glob("*.tmp*"))
+
+
+FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_failed_save_names_the_path_and_cause_and_leaves_no_temporary_file(words_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt.tmp999999999").write_bytes(b"half a checkpoint")  # a save killed long ago (no such pid)
+    # files up to 100 kB: the log and loss.png fit, ckpt.pt (weights and optimizer, ~280 kB) does not
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, *WORDS_RUN, f"--data_dir={words_dir}",
+                             f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"could not write {out / 'ckpt.pt'}: File too large" in result.stderr
+    assert "ckpt.pt.tmp999999999" in result.stdout  # the stale one was removed at start, and said so
+    assert not list(out.glob("*.tmp*")) and not (out / "ckpt.pt").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write in: its mode, and for root (whom modes do not stop) the immutable flag."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        (folder / "probe").write_bytes(b"")
+        (folder / "probe").unlink()
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable:
+            pytest.skip("cannot make a read-only folder here (root, and no chattr)")
+    except PermissionError:
+        pass
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)])
+    folder.chmod(0o755)
+
+
+def test_a_read_only_out_dir_is_an_error_before_training(words_dir, read_only_dir):
+    result = run_stage("train.py", *WORDS_RUN, f"--data_dir={words_dir}", f"--out_dir={read_only_dir}",
+                       "--max_iters=4", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"out_dir={read_only_dir}:" in result.stderr and "choose another --out_dir" in result.stderr
+    assert "step 1" not in result.stdout
+
+
+def test_damaged_token_files_get_one_clear_error_naming_the_file(words_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(words_dir, data)
+    with open(data / "words" / "train.bin", "ab") as f:
+        f.write(b"\x00")  # half a token: a copy cut short
+    result = run_stage("train.py", *WORDS_RUN, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                       check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {data / 'words' / 'train.bin'}:" in result.stderr
+    assert "bytes is not a whole number of uint16 tokens" in result.stderr
+
+
+def test_mfu_peak_is_one_threads_best_matmul_of_the_models_own_shapes_times_the_threads(monkeypatch):
+    """MFU was 103-158% on a 2-core AVX2 EPYC shared with other processes: a 1024^3 probe on two threads that
+    wait for each other ran below the training's own (smaller, cached) matmuls. The peak is now the best
+    matmul one thread reaches, over squares and the model's own shapes, times the threads: no step can beat
+    it, so MFU is a true fraction on any CPU."""
+    import common
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, max_seq_len=32))
+    shapes = common.model_matmul_shapes(model, 256)
+    for linear in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+        d_in, d_out = linear.in_features, linear.out_features
+        # the forward pass, then the input and weight gradients of the backward pass
+        assert {(256, d_in, d_out), (256, d_out, d_in), (d_out, 256, d_in)} <= set(shapes)
+    calls = []
+
+    def measured(device, dtype, shapes):
+        calls.append((torch.get_num_threads(), dtype, shapes))
+        return 50e9, {}
+
+    monkeypatch.setattr(common, "measure_matmul_flops", measured)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert common.peak_flops("cpu", "bfloat16", shapes) == 2 * 50e9
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(1, "bfloat16", common.SQUARE_MATMULS + tuple(shapes))]
+    # and the real measurement covers every shape it is given
+    peak, rates = measure_matmul_flops("cpu", "float32", shapes=[(64, 64, 64), (128, 32, 64)], seconds=0.05)
+    assert set(rates) == {(64, 64, 64), (128, 32, 64)} and peak == max(rates.values()) > 0

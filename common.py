@@ -38,9 +38,12 @@ def check_writable_dir(path):
     """
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test{os.getpid()}")
-    with open(probe, "wb") as f:
-        f.write(b"x")
-    os.remove(probe)
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 # -----------------------------------------------------------------------------------------------------

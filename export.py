@@ -8,6 +8,7 @@ Hugging Face ecosystem.
     python export.py --ckpt=out/sft/ckpt.pt --format=hf --out=out/hf # a folder transformers loads
     python export.py --ckpt=out/sft/ckpt.pt --format=safetensors --out=model.safetensors
     python export.py --ckpt=hf:models/SmolLM2-135M-Instruct          # an imported model, for run.c
+    python export.py --ckpt=gguf:SmolLM2-135M-Instruct.Q4_1.gguf --format=hf --out=smollm2   # GGUF -> float32
 
 LoRA checkpoints are merged into their base weights by model.load_checkpoint before export.
 
@@ -68,7 +69,7 @@ from tokenizer import hf_tokenizer_files
 from tokenizer import GPT4_SPLIT_PATTERN
 
 # -----------------------------------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), or hf:DIR
+ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), hf:DIR or gguf:FILE
 format = "run"  # 'run' (run.c's files) | 'hf' (a Hugging Face model folder) | 'safetensors' (one weights file)
 out = ""  # the model file for run.c (default model.bin), the folder for hf (default hf_model), the .safetensors file
 tokenizer_out = "tokenizer.bin"  # the tokenizer file for run.c ("" = do not write it)

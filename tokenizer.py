@@ -90,7 +90,7 @@ class Tokenizer:
         self.normalizer = normalizer  # 'NFC': unicode-normalize text before encoding (Qwen2's tokenizer does)
         # The token lm-evaluation-harness's tokenizer puts before every text it scores: ours always start with
         # <|bos|>; an imported one does what its files say (tokenizer_config.json's add_bos_token or its
-        # tokenizer.json's post-processor), None when it adds nothing.
+        # tokenizer.json's post-processor, a GGUF's tokenizer.ggml.add_bos_token), None when it adds nothing.
         # scoring_bos_token None means the document-start token (ours, and files written before this field).
         self.scoring_bos_token = scoring_bos_token
         start = bos_token if scoring_bos_token is None else scoring_bos_token
@@ -145,13 +145,18 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path):
-        """A tokenizer file; 'gpt2' or 'bytes'; or 'hf:DIR', a Hugging Face model folder's tokenizer.json."""
+        """A tokenizer file; 'gpt2' or 'bytes'; 'hf:DIR', a Hugging Face model folder's tokenizer.json; or
+        'gguf:FILE', the tokenizer in a GGUF model file's metadata."""
         if path == "gpt2":
             return cls.gpt2()
         if path == "bytes":
             return cls.byte_level()
         if path.startswith("hf:"):
             return cls.from_hf(path[len("hf:"):])
+        if path.startswith("gguf:"):
+            from checkpoint import read_gguf  # with the other weight formats (it imports torch, so only here)
+            metadata, _ = read_gguf(path[len("gguf:"):])
+            return cls(**gguf_tokenizer_args(metadata, path[len("gguf:"):]))
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read(), source=path)
@@ -620,6 +625,66 @@ def chat_settings(template, bos_candidates, special_tokens, source):
         raise ValueError(f"{source}: no token to start documents with (looked for {looked_for})")
     return {"chat_format": chat_format, "bos_token": bos_token, "chat_template": template,
             "default_system": default_system}
+
+
+# GGUF names for pre-splits (tokenizer.ggml.pre, as llama.cpp's converter writes them) -> the same split as a
+# regex; the patterns are those of each model's own tokenizer.json
+LLAMA3_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+GGUF_PRE_SPLITS = {"gpt2": (GPT2_SPLIT_PATTERN, ""), "smollm": (GPT2_DIGITS_SPLIT_PATTERN, ""),
+                   "llama-bpe": (LLAMA3_SPLIT_PATTERN, ""), "qwen2": (QWEN2_SPLIT_PATTERN, "NFC")}
+GGUF_TOKEN_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
+
+
+def gguf_tokenizer_args(metadata, path):
+    """
+    The tokenizer of a GGUF file's metadata (checkpoint.read_gguf) as Tokenizer's arguments. Only byte-level BPE
+    ('gpt2' model): tokens in GPT-2's byte alphabet, merges, token types (control and user-defined tokens are
+    the special tokens, unused ones leave their id empty), tokenizer.ggml.pre naming the pre-split. Bytes with
+    no token are left out of the text, as the original Hugging Face tokenizer does (transformers' own GGUF
+    conversion maps them to the unknown token instead).
+    """
+    def get(key, default=None):
+        if key not in metadata and default is None:
+            raise ValueError(f"{path}: GGUF metadata has no {key} (needed for the tokenizer)")
+        return metadata.get(key, default)
+
+    kind = get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2': SmolLM2, "
+                         "Llama 3, Qwen2) can be imported, not SentencePiece ('llama': Llama 2, TinyLlama)")
+    pre = get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_SPLITS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}, a pre-split this importer does not know "
+                         f"(known: {', '.join(GGUF_PRE_SPLITS)})")
+    pattern, normalizer = GGUF_PRE_SPLITS[pre]
+    tokens = get("tokenizer.ggml.tokens")
+    types = get("tokenizer.ggml.token_type")
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    special_tokens, ordinary = {}, []
+    for token_id, (text, type_number) in enumerate(zip(tokens, types)):
+        token_type = GGUF_TOKEN_TYPES.get(int(type_number))
+        if token_type == "normal":
+            ordinary.append((text, token_id))
+        elif token_type in ("control", "user-defined", "unknown"):
+            special_tokens[text] = token_id
+        elif token_type == "byte":
+            raise ValueError(f"{path}: token {text!r} is a byte-fallback token (SentencePiece style); only "
+                             "byte-level BPE can be imported")
+        elif token_type is None:
+            raise ValueError(f"{path}: token {token_id} has token type {types[token_id]}, expected 1 to 6")
+    ranks = byte_level_ranks(ordinary, path)
+    check_merge_order(get("tokenizer.ggml.merges", []), {text: i for text, i in ordinary}, path)
+    named = lambda key: tokens[metadata[key]] if key in metadata and metadata[key] < len(tokens) else None
+    bos = named("tokenizer.ggml.bos_token_id")
+    # llama.cpp prepends BOS unless the file says not to (only its Llama 3 pre-split does by default)
+    scoring_bos_token = bos if bos and get("tokenizer.ggml.add_bos_token", pre == "llama-bpe") else ""
+    name = os.path.splitext(os.path.basename(path))[0]
+    return {"mergeable_ranks": ranks, "pattern": pattern, "special_tokens": special_tokens, "name": name,
+            "normalizer": normalizer, "scoring_bos_token": scoring_bos_token,
+            **chat_settings(metadata.get("tokenizer.chat_template", ""),
+                            [bos, "<|endoftext|>", named("tokenizer.ggml.eos_token_id")], special_tokens, path)}
 
 
 def merge_parts(token, ranks):

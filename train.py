@@ -23,11 +23,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from checkpoint import build_model, checkpoint_sha256, model_args_from_dict, read_checkpoint, save_checkpoint
+from checkpoint import (absolute_checkpoint_path, build_model, checkpoint_prefix, checkpoint_sha256,
+                        model_args_from_dict, read_checkpoint, save_checkpoint)
 from common import peak_flops, pick_device
 from model import (ModelArgs, Transformer, apply_lora, configure_optimizer, count_params, flops_per_token, lora_state_dict)
 from data import open_tokens, read_meta
-from tokenizer import Tokenizer, hf_folder
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------
 # I/O
@@ -40,6 +41,7 @@ keep_all_checkpoints = False  # also write ckpt_<iter>.pt at every evaluation
 patience = 0  # stop after this many evaluations without a better val loss; 0 = never
 init_from = "scratch"  # 'scratch' | 'resume' (out_dir/ckpt.pt) | a .pt or .safetensors to fine-tune from |
 #                       'hf:DIR' a Hugging Face model folder (or Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)
+#                       | 'gguf:FILE' a GGUF file (llama.cpp's format)
 overwrite = False  # allow a run from scratch to replace an existing out_dir/ckpt.pt
 wandb_log = False  # also log to Weights & Biases (works offline with WANDB_MODE=offline)
 wandb_project = "nanollama"
@@ -388,9 +390,8 @@ lora_config = None
 if lora_rank and init_from != "resume":
     if checkpoint is not None and "lora" in checkpoint:
         fail(f"init_from={init_from!r} is itself a LoRA checkpoint: fine-tune from its base, or merge it first")
-    # the base's absolute path ('hf:' + the folder for an imported model), so the adapters find it from anywhere
-    base_checkpoint_path = "hf:" + os.path.abspath(hf_folder(init_from[3:])) if init_from.startswith("hf:") \
-        else os.path.abspath(init_from)
+    # the base's absolute path ('hf:' or 'gguf:' + its path for an imported model): adapters find it from anywhere
+    base_checkpoint_path = absolute_checkpoint_path(init_from)
     lora_config = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,
                    "base_checkpoint": base_checkpoint_path, "base_sha256": checkpoint_sha256(base_checkpoint_path)}
     try:
@@ -506,8 +507,8 @@ def estimate_loss():
 
 
 def relative_to(path, folder):
-    """path relative to folder, keeping the 'hf:' of a Hugging Face model folder in front."""
-    prefix = "hf:" if path.startswith("hf:") else ""
+    """path relative to folder, keeping the 'hf:' or 'gguf:' of an imported model in front."""
+    prefix = checkpoint_prefix(path)
     return prefix + os.path.relpath(path[len(prefix):], os.path.abspath(folder))
 
 

@@ -30,7 +30,7 @@ import torch
 
 from configurator import ConfigError, configure
 import engine
-from checkpoint import checkpoint_in, load_checkpoint
+from checkpoint import checkpoint_in, checkpoint_prefix, load_checkpoint
 from common import pick_device
 
 # -----------------------------------------------------------------------------------------------------
@@ -640,7 +640,8 @@ if __name__ == "__main__":
                 "seed": None if seed < 0 else seed, "tools": tools}
 
     if serve:
-        folder = ckpt[len("hf:"):] if ckpt.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt))
+        prefix = checkpoint_prefix(ckpt)  # an imported model is named after its folder or GGUF file
+        folder = ckpt[len(prefix):] if prefix else os.path.dirname(os.path.abspath(ckpt))
         name = model_name or f"nanollama-{os.path.basename(os.path.normpath(folder))}"
         try:
             server = make_server(model, tokenizer, host, port, name, tools_on=tools,

@@ -1,9 +1,11 @@
 """
 Checkpoints and weight files in and out, for every stage: our .pt checkpoints (written atomically, read with
-weights_only=True), safetensors files, and Hugging Face model folders (names and RoPE layouts mapped to ours).
+weights_only=True), safetensors files, Hugging Face model folders (names and RoPE layouts mapped to ours) and
+GGUF files (llama.cpp's format, dequantized to float32).
 
     model, tokenizer, checkpoint = load_checkpoint("out/sft/best.pt")    # the one way to load a model for use
     load_checkpoint("hf:HuggingFaceTB/SmolLM2-135M-Instruct")             # a Hugging Face folder or Hub id
+    load_checkpoint("gguf:SmolLM2-135M-Instruct.Q4_1.gguf")               # a GGUF file (llama.cpp's format)
 
 A checkpoint is a plain dict (see docs/formats.md): model_args, model (or LoRA adapters and their base),
 tokenizer, tokenizer_sha256, config, data_format, and for ckpt.pt the training state.
@@ -12,16 +14,18 @@ tokenizer, tokenizer_sha256, config, data_format, and for ckpt.pt the training s
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 
 from common import file_sha256
 from model import ModelArgs, Transformer, apply_lora, merge_lora
-from tokenizer import Tokenizer, hf_folder, read_json_file
+from tokenizer import Tokenizer, gguf_tokenizer_args, hf_folder, read_json_file
 
 # ----------------------------------------------------------------------------------------------------
 # .pt checkpoints
@@ -105,6 +109,16 @@ def remove_stale_temporary_files(directory):
         os.remove(os.path.join(directory, name))
         removed.append(name)
     return removed
+def checkpoint_prefix(path):
+    """'hf:' (a Hugging Face folder or Hub id) or 'gguf:' (a GGUF file) for an imported model, else ''."""
+    return next((prefix for prefix in ("hf:", "gguf:") if path.startswith(prefix)), "")
+
+
+def absolute_checkpoint_path(path):
+    """path made absolute, its 'hf:' or 'gguf:' kept in front (a Hub id becomes its downloaded folder)."""
+    prefix = checkpoint_prefix(path)
+    location = hf_folder(path[len(prefix):]) if prefix == "hf:" else path[len(prefix):]
+    return prefix + os.path.abspath(location)
 
 
 def checkpoint_sha256(path):
@@ -113,8 +127,7 @@ def checkpoint_sha256(path):
         folder = hf_folder(path[len("hf:"):])
         names = ["config.json"] + sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
         return hashlib.sha256("".join(file_sha256(os.path.join(folder, n)) for n in names).encode()).hexdigest()
-    return file_sha256(path)
-
+    return file_sha256(path[len(checkpoint_prefix(path)):])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +351,269 @@ def hf_state_dict(model):
     return state
 
 
+# ----------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format): how most open weights reach CPUs
+#
+# Read here with numpy rather than with the gguf package: the format is small (below), the package's reader
+# takes ~100 s on SmolLM2's metadata where this one takes well under a second, and no dependency is added.
+#
+#   magic "GGUF", uint32 version (2 or 3), uint64 tensor count, uint64 metadata count      all little-endian
+#   metadata: count x (string key, uint32 value type, value); a string is uint64 length + UTF-8 bytes, an array
+#             uint32 element type + uint64 count + elements
+#   tensor table: count x (string name, uint32 n_dims, uint64 dims[n_dims] innermost first, uint32 ggml type,
+#             uint64 offset from the start of the data)
+#   data: from the end of the table rounded up to general.alignment (default 32); each tensor at its offset
+#
+# A tensor of a quantized type is a row of blocks, each block a fixed number of values with its own scales.
+# dequantize() turns every type below into float32 with numpy, all blocks of a tensor at once.
+
+GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+                11: "<i8", 12: "<f8"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+# ggml type -> (name, values per block, the block as a numpy record). The K-quants pack 256 values in a
+# super-block of 8 (Q4_K, Q5_K: 32 values each, 6-bit scales and mins) or 16 (Q6_K: 16 values, int8 scales)
+# sub-blocks, themselves scaled by the float16 d (and dmin for the mins).
+GGML_TYPES = {
+    0: ("F32", 1, np.dtype("<f4")),
+    1: ("F16", 1, np.dtype("<f2")),
+    30: ("BF16", 1, np.dtype("<u2")),
+    8: ("Q8_0", 32, np.dtype([("d", "<f2"), ("qs", "i1", 32)])),
+    2: ("Q4_0", 32, np.dtype([("d", "<f2"), ("qs", "u1", 16)])),
+    3: ("Q4_1", 32, np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])),
+    12: ("Q4_K", 256, np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])),
+    13: ("Q5_K", 256, np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32),
+                                ("qs", "u1", 128)])),
+    14: ("Q6_K", 256, np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])),
+}
+# names of the types this reader does not dequantize, for the error message
+GGML_OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS",
+                    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+                    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0",
+                    35: "TQ2_0"}
+
+
+def read_gguf(path):
+    """
+    (metadata, tensors) of a GGUF file: metadata {key: value} (arrays as lists, numeric arrays as numpy
+    arrays), tensors {name: (ggml type, shape outermost first, raw bytes: a read-only uint8 array on the mapped
+    file)}. Nothing is dequantized yet; errors name the file and what is wrong.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+    size, pos = len(buf), 0
+
+    def take(n, what):
+        nonlocal pos
+        if pos + n > size:
+            raise ValueError(f"{path}: truncated GGUF file ({what} runs past the end at byte {size})")
+        pos += n
+        return pos - n
+
+    def scalar(fmt, what="metadata"):
+        return struct.unpack_from(fmt, buf, take(struct.calcsize(fmt), what))[0]
+
+    def string(what="metadata"):
+        n = scalar("<Q", what)
+        start = take(n, what)
+        return buf[start:start + n].decode("utf-8", errors="replace")
+
+    def value(kind, key):
+        if kind in GGUF_SCALARS:
+            dtype = np.dtype(GGUF_SCALARS[kind])
+            return np.frombuffer(buf, dtype, 1, take(dtype.itemsize, f"metadata {key}"))[0].item()
+        if kind == GGUF_STRING:
+            return string(f"metadata {key}")
+        if kind == GGUF_ARRAY:
+            element, count = scalar("<I"), scalar("<Q")
+            if element in GGUF_SCALARS:  # numbers: one slice of the file
+                dtype = np.dtype(GGUF_SCALARS[element])
+                return np.frombuffer(buf, dtype, count, take(count * dtype.itemsize, f"metadata {key}"))
+            return [value(element, key) for _ in range(count)]
+        raise ValueError(f"{path}: metadata {key} has value type {kind}, not one of GGUF's (0 to 12)")
+
+    if buf[take(4, "header"):4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+    version = scalar("<I", "header")
+    if version not in (2, 3):
+        hint = " (a big-endian file?)" if version > 0xFFFF else ""
+        raise ValueError(f"{path}: GGUF version {version}{hint}; this reader reads versions 2 and 3")
+    n_tensors, n_metadata = scalar("<Q", "header"), scalar("<Q", "header")
+    metadata = {}
+    for _ in range(n_metadata):
+        key = string()
+        metadata[key] = value(scalar("<I", f"metadata {key}"), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = string("tensor table")
+        n_dims = scalar("<I", "tensor table")
+        dims = [scalar("<Q", "tensor table") for _ in range(n_dims)]
+        infos.append((name, scalar("<I", "tensor table"), dims[::-1], scalar("<Q", "tensor table")))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = pos + (-pos % alignment)
+    tensors = {}
+    for name, ggml_type, shape, offset in infos:
+        if ggml_type not in GGML_TYPES:
+            kind = GGML_OTHER_TYPES.get(ggml_type, f"type {ggml_type}")
+            raise ValueError(f"{path}: tensor {name} is {kind}, a type this reader does not dequantize "
+                             "(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")
+        type_name, block_values, block = GGML_TYPES[ggml_type]
+        n_values = math.prod(shape)
+        if shape and shape[-1] % block_values:
+            raise ValueError(f"{path}: tensor {name}: rows of {shape[-1]} values do not fill {type_name} "
+                             f"blocks of {block_values}")
+        begin, n_bytes = data_start + offset, n_values // block_values * block.itemsize
+        if begin + n_bytes > size:
+            raise ValueError(f"{path}: tensor {name} ends at byte {begin + n_bytes} of a {size}-byte file "
+                             "(truncated: download or copy it again)")
+        tensors[name] = (ggml_type, shape, np.frombuffer(buf, np.uint8, n_bytes, begin))
+    return metadata, tensors
+
+
+def dequantize(ggml_type, shape, raw):
+    """A GGUF tensor's raw bytes -> float32 numpy array of shape."""
+    name, _, block = GGML_TYPES[ggml_type]
+    b = raw.view(block)  # one record per block (a plain number for F32, F16, BF16)
+    n = len(b)
+    # the quantized values go straight into the float32 result, which is then scaled in place: the fewest
+    # passes over ~100M values (3x faster than building the same with temporaries)
+    if name in ("F32", "F16"):
+        values = b.astype(np.float32)
+    elif name == "BF16":  # the top half of a float32
+        values = (b.astype(np.uint32) << 16).view(np.float32)
+    elif name == "Q8_0":  # d * q, q int8
+        values = b["qs"].astype(np.float32)
+        values *= b["d"].astype(np.float32)[:, None]
+    elif name in ("Q4_0", "Q4_1"):  # byte j holds value j (low nibble) and value j + 16 (high nibble)
+        values = np.empty((n, 2, 16), np.float32)
+        values[:, 0], values[:, 1] = b["qs"] & 0xF, b["qs"] >> 4
+        values = values.reshape(n, 32)
+        if name == "Q4_0":  # d * (q - 8)
+            values -= 8
+            values *= b["d"].astype(np.float32)[:, None]
+        else:  # d * q + m
+            values *= b["d"].astype(np.float32)[:, None]
+            values += b["m"].astype(np.float32)[:, None]
+    elif name in ("Q4_K", "Q5_K"):  # d * scale * q - dmin * min, per sub-block of 32
+        scale, minimum = k_quant_scales_and_mins(b)  # (blocks, 8) each
+        # 4 groups of 32 bytes: low nibbles are sub-block 2i, high nibbles 2i+1
+        qs = b["qs"].reshape(n, 4, 32)
+        values = np.empty((n, 4, 2, 32), np.float32)
+        if name == "Q4_K":
+            values[:, :, 0], values[:, :, 1] = qs & 0xF, qs >> 4
+        else:  # the fifth bit of value l of sub-block j is bit j of qh[l]
+            bit = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+            high = ((b["qh"][:, None, None, :] >> bit) & 1) << 4  # (blocks, 4, 2, 32)
+            values[:, :, 0], values[:, :, 1] = (qs & 0xF) | high[:, :, 0], (qs >> 4) | high[:, :, 1]
+        values = values.reshape(n, 8, 32)
+        values *= scale[:, :, None]
+        values -= minimum[:, :, None]
+    elif name == "Q6_K":
+        # two halves of 128 values; in half h, value 32k + l (k = 0..3) takes its low 4 bits from ql[64h + l]
+        # (k = 0, 2) or ql[64h + 32 + l] (k = 1, 3), the low nibble for k < 2 and the high one for k >= 2, and
+        # its top 2 bits from bits 2k, 2k+1 of qh[32h + l]; it is stored minus 32. Sub-block (h, k, l // 16) of
+        # 16 values has the scale scales[8h + 2k + l // 16].
+        ql = b["ql"].reshape(n, 2, 2, 32)  # (blocks, half, ql group, l)
+        shift = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+        high = ((b["qh"].reshape(n, 2, 1, 32) >> shift) & 3) << 4  # (blocks, half, k, l)
+        values = np.empty((n, 2, 4, 32), np.float32)
+        values[:, :, 0:2] = (ql & 0xF) | high[:, :, 0:2]  # k = 0, 1: low nibbles of groups 0, 1
+        values[:, :, 2:4] = (ql >> 4) | high[:, :, 2:4]  # k = 2, 3: high nibbles
+        values -= 32
+        values = values.reshape(n, 2, 4, 2, 16)
+        values *= (b["d"].astype(np.float32)[:, None] * b["scales"]).reshape(n, 2, 4, 2, 1)
+    return values.reshape(shape)
+
+
+def k_quant_scales_and_mins(b):
+    """
+    Q4_K and Q5_K: the 12 scale bytes hold 8 six-bit scales and 8 six-bit mins. Sub-blocks 0-3: the low 6 bits
+    of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7: the nibbles of bytes 8-11 (low: scale, high: min)
+    with the top 2 bits of bytes 0-3 (scales) and 4-7 (mins) above them. Returns d * scale and dmin * min.
+    """
+    s = b["scales"]
+    scale = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    minimum = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return (b["d"].astype(np.float32)[:, None] * scale, b["dmin"].astype(np.float32)[:, None] * minimum)
+
+
+# GGUF's tensor names, by ours: blk.N.attn_q.weight is layers.N.attention.wq.weight
+GGUF_LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
+                    "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+GGUF_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                  "output.weight": "output.weight"}
+
+
+def gguf_model_args(metadata, tensors, path):
+    """A GGUF file's llama or qwen2 hyperparameters -> ModelArgs, refusing what model.py does not run."""
+    arch = metadata.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only llama and qwen2 can be imported")
+
+    def get(key, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata has no {arch}.{key}")
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: {arch}.{key} is not one number (per-layer values are not supported)")
+        return value
+
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    head_dim = dim // n_heads
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if get(key, head_dim) != head_dim:
+            raise ValueError(f"{path}: {arch}.{key} is {get(key)}, but model.py needs embedding_length / "
+                             f"head_count = {head_dim}")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: scaled RoPE ({'rope_freqs' if scaling == 'none' else scaling}) is not "
+                         "implemented for GGUF files; import the model's Hugging Face folder (hf:DIR) instead")
+    vocab_size = metadata.get(f"{arch}.vocab_size") or (tensors["token_embd.weight"][1][0]
+                                                       if "token_embd.weight" in tensors else 0)
+    return ModelArgs(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab_size,
+                     hidden_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+                     rope_theta=float(get("rope.freq_base", 10000.0)), max_seq_len=get("context_length"),
+                     tie_embeddings="output.weight" not in tensors,
+                     attention_bias=any(name.endswith("attn_q.bias") for name in tensors))
+
+
+def read_gguf_checkpoint(path):
+    """
+    A GGUF file (llama or qwen2) as a checkpoint dict like read_hf_checkpoint's: weights dequantized to float32
+    under our names, the tokenizer from the file's metadata with the model's own chat format. llama.cpp stores
+    Llama's q/k rows in the interleaved RoPE layout model.py uses, Qwen2's in Hugging Face's (rotated halves).
+    """
+    metadata, tensors = read_gguf(path)
+    args = gguf_model_args(metadata, tensors, path)
+    state = {}
+    for name, (ggml_type, shape, raw) in tensors.items():
+        parts = name.split(".")  # blk.N.attn_q.weight
+        if name in GGUF_TOP_NAMES:
+            ours = GGUF_TOP_NAMES[name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
+            ours = f"layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            raise ValueError(f"{path}: unexpected tensor {name} (not part of a llama/qwen2 model)")
+        tensor = torch.from_numpy(dequantize(ggml_type, shape, raw))
+        if metadata["general.architecture"] == "qwen2" and ".attention.wq." in ours:
+            tensor = rope_halves_to_pairs(tensor, args.n_heads)
+        elif metadata["general.architecture"] == "qwen2" and ".attention.wk." in ours:
+            tensor = rope_halves_to_pairs(tensor, args.n_kv_heads)
+        state[ours] = tensor
+    tokenizer = Tokenizer(**gguf_tokenizer_args(metadata, path))
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                         f"is {args.vocab_size}")
+    return {"model_args": asdict(args), "model": state, "tokenizer": tokenizer.to_json(),
+            "tokenizer_sha256": tokenizer.sha256, "iter_num": 0,
+            "data_format": "text" if tokenizer.chat_format == "none" else "chat",
+            "config": {"init_from": f"gguf:{path}"}}
+
+
 def model_args_from_dict(d, source="checkpoint"):
     known = {f.name for f in fields(ModelArgs)}
     unknown = set(d) - known
@@ -387,10 +663,13 @@ def write_model_safetensors(model, tokenizer, path, data_format="text", iter_num
 def read_checkpoint(path, device="cpu"):
     """
     torch.load with weights_only=True (no code in a checkpoint can run) and clear errors. Also reads
-    'hf:DIR' (a Hugging Face model folder) and our own .safetensors export, as checkpoints of the same shape.
+    'hf:DIR' (a Hugging Face model folder), 'gguf:FILE' (a GGUF file) and our own .safetensors export, as
+    checkpoints of the same shape.
     """
     if path.startswith("hf:"):
         return read_hf_checkpoint(path[len("hf:"):])
+    if path.startswith("gguf:"):
+        return read_gguf_checkpoint(path[len("gguf:"):])
     if path.endswith(".safetensors") and os.path.exists(path):
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != "nanollama":
@@ -418,7 +697,7 @@ def find_base_checkpoint(checkpoint, path):
     adapter checkpoint's folder), checked against the recorded sha256 so adapters never land on another model.
     """
     base, relative = checkpoint["base_checkpoint"], checkpoint["base_checkpoint_relative"]
-    prefix = "hf:" if base.startswith("hf:") else ""  # a Hugging Face folder: 'hf:' + its path
+    prefix = checkpoint_prefix(base)  # an imported model: 'hf:' or 'gguf:' + its path
     candidates = [base, prefix + os.path.join(os.path.dirname(os.path.abspath(path)), relative[len(prefix):])]
     base_path = next((c for c in candidates if os.path.exists(c[len(prefix):])), None)
     if base_path is None:
@@ -435,15 +714,15 @@ def find_base_checkpoint(checkpoint, path):
 def lora_base_entries(base, out_dir, sha256=None):
     """
     What an adapter checkpoint written to out_dir records about its base model (find_base_checkpoint reads
-    it): the base's absolute path ('hf:' + the folder of an imported model or Hub id), the same path relative
+    it): the base's absolute path ('hf:' + the folder or 'gguf:' + the path of an imported model), the same path relative
     to out_dir (a folder moved together with its base still finds it), and the base's sha256. A new adapter
     run passes the base as given (it is resolved and hashed here); a resumed one its recorded path and sha256.
     """
-    prefix = "hf:" if base.startswith("hf:") else ""
-    path = base[len(prefix):]
     if sha256 is None:
-        path = os.path.abspath(hf_folder(path) if prefix else path)
-        sha256 = checkpoint_sha256(prefix + path)
+        base = absolute_checkpoint_path(base)
+        sha256 = checkpoint_sha256(base)
+    prefix = checkpoint_prefix(base)
+    path = base[len(prefix):]
     relative = os.path.relpath(path, os.path.abspath(out_dir))
     return {"base_checkpoint": prefix + path, "base_checkpoint_relative": prefix + relative, "base_sha256": sha256}
 

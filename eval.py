@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from checkpoint import checkpoint_in, load_checkpoint
+from checkpoint import checkpoint_in, checkpoint_prefix, load_checkpoint
 from common import Progress, fail, plot_eval_scores, progress_bar, read_jsonl, setup_device
 from configurator import configure
 from data import open_tokens, read_meta
@@ -1195,10 +1195,12 @@ def main():
         raise EvalError("no task could run: " + "; ".join(f"{t}: {results[t]['skipped']}" for t in task_list))
     folder = os.path.dirname(os.path.abspath(ckpt_path))
     name = os.path.splitext(os.path.basename(ckpt_path))[0]
-    if ckpt_path.startswith("hf:"):  # an imported model: its results go to out_dir, not into its folder
-        folder, name = out_dir, "hf_" + os.path.basename(os.path.normpath(ckpt_path[len("hf:"):]))
+    prefix = checkpoint_prefix(ckpt_path)
+    if prefix:  # an imported model (hf: or gguf:): its results go to out_dir, not into its folder
+        folder = out_dir
+        name = prefix[:-1] + "_" + os.path.splitext(os.path.basename(os.path.normpath(ckpt_path[len(prefix):])))[0]
     result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
-    result = {"checkpoint": os.path.abspath(ckpt_path), "step": step,
+    result = {"checkpoint": ckpt_path if prefix else os.path.abspath(ckpt_path), "step": step,
               "tokens_seen": checkpoint.get("tokens_seen"), "mode": eval_mode, "split": split, "limit": limit,
               "num_fewshot": num_fewshot, "compare": other and other["checkpoint"],
               "time": time.strftime("%Y-%m-%d %H:%M:%S"),

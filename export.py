@@ -9,6 +9,7 @@ Hugging Face ecosystem, or for NumPy (run_numpy.py runs it without torch).
     python export.py --ckpt=out/sft/ckpt.pt --format=safetensors --out=model.safetensors
     python export.py --ckpt=out/sft/ckpt.pt --format=npz --out=model.npz   # python run_numpy.py model.npz
     python export.py --ckpt=hf:models/SmolLM2-135M-Instruct          # an imported model, for run.c
+    python export.py --ckpt=gguf:SmolLM2-135M-Instruct.Q4_1.gguf --format=hf --out=smollm2   # GGUF -> float32
 
 LoRA checkpoints are merged into their base weights by model.load_checkpoint before export.
 
@@ -72,7 +73,7 @@ from tokenizer import hf_tokenizer_files
 from tokenizer import GPT4_SPLIT_PATTERN
 
 # -----------------------------------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), or hf:DIR
+ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), hf:DIR or gguf:FILE
 format = "run"  # 'run' (run.c's files) | 'hf' (a Hugging Face model folder) | 'safetensors' (one weights file)
 #                 | 'npz' (one NumPy file, for run_numpy.py)
 out = ""  # the model file for run.c (default model.bin), the folder for hf (default hf_model), the

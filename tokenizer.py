@@ -16,6 +16,7 @@ import hashlib
 import heapq
 import json
 import os
+import re
 import unicodedata
 from collections import Counter
 
@@ -51,17 +52,19 @@ FILE_FORMAT = "tokenizer"
 FILE_VERSION = 1
 # the tokenizer file's fields for imported tokenizers, with the values of our own (written only when they differ)
 OPTIONAL_FIELDS = {"chat_format": "nanollama", "bos_token": "<|bos|>", "chat_template": "", "default_system": "",
-                   "normalizer": ""}
+                   "normalizer": "", "unk_token": "", "scoring_bos_token": None}
 
 
 class Tokenizer:
     """Ranks (token bytes -> id), a split pattern and special tokens, encoded and decoded by tiktoken."""
 
     def __init__(self, mergeable_ranks, pattern, special_tokens, name="bpe", chat_format="nanollama",
-                 bos_token="<|bos|>", chat_template="", default_system="", normalizer=""):
+                 bos_token="<|bos|>", chat_template="", default_system="", normalizer="", unk_token="",
+                 scoring_bos_token=None):
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"tokenizer {name}: chat_format {chat_format!r}, expected one of {list(CHAT_FORMATS)}")
         required = CHAT_FORMATS[chat_format]["special_tokens"] + [bos_token]
+        required += [token for token in (unk_token, scoring_bos_token) if token]
         missing = [t for t in required if t not in special_tokens]
         if missing:
             raise ValueError(f"tokenizer {name}: missing special tokens {missing} ({chat_format} chat format)")
@@ -85,6 +88,23 @@ class Tokenizer:
         self.chat_template = chat_template
         self.default_system = default_system  # the system message the model's template adds when none is given
         self.normalizer = normalizer  # 'NFC': unicode-normalize text before encoding (Qwen2's tokenizer does)
+        # The token lm-evaluation-harness's tokenizer puts before every text it scores: ours always start with
+        # <|bos|>; an imported one does what its files say (tokenizer_config.json's add_bos_token or its
+        # tokenizer.json's post-processor, a GGUF's tokenizer.ggml.add_bos_token), None when it adds nothing.
+        # scoring_bos_token None means the document-start token (ours, and files written before this field).
+        self.scoring_bos_token = scoring_bos_token
+        start = bos_token if scoring_bos_token is None else scoring_bos_token
+        self.scoring_bos_id = self.special_tokens[start] if start else None
+        # Bytes with no token of their own (SmolLM2 has none for 21 of the 256, such as 0x04): Hugging Face's
+        # BPE leaves such a byte out of its pre-split piece and merges the rest as if it was not there, or,
+        # when the tokenizer names an unk_token, puts that token in its place (one per run of such bytes).
+        # tiktoken cannot encode them (it needs every byte), so text containing one takes encode_with_gaps.
+        self.missing_bytes = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+        self.unk_token = unk_token
+        self.unk_id = self.special_tokens[unk_token] if unk_token else None
+        if self.missing_bytes:
+            self._split_regex = regex.compile(pattern)
+            self._missing_run = re.compile(b"[" + re.escape(self.missing_bytes) + b"]+")
         self._json = None
 
     # --- construction ---
@@ -125,13 +145,18 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path):
-        """A tokenizer file; 'gpt2' or 'bytes'; or 'hf:DIR', a Hugging Face model folder's tokenizer.json."""
+        """A tokenizer file; 'gpt2' or 'bytes'; 'hf:DIR', a Hugging Face model folder's tokenizer.json; or
+        'gguf:FILE', the tokenizer in a GGUF model file's metadata."""
         if path == "gpt2":
             return cls.gpt2()
         if path == "bytes":
             return cls.byte_level()
         if path.startswith("hf:"):
             return cls.from_hf(path[len("hf:"):])
+        if path.startswith("gguf:"):
+            from checkpoint import read_gguf  # with the other weight formats (it imports torch, so only here)
+            metadata, _ = read_gguf(path[len("gguf:"):])
+            return cls(**gguf_tokenizer_args(metadata, path[len("gguf:"):]))
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read(), source=path)
@@ -172,15 +197,49 @@ class Tokenizer:
         """Plain text -> ids. Special-token strings inside text are encoded as ordinary text, never as specials."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
-        ids = self.encoding.encode_ordinary(text)
+        ids = self._encode_ordinary(text)
         return [self.bos_id] + ids if bos else ids
+
+    def _encode_ordinary(self, text):
+        if self.missing_bytes and self._has_missing_bytes(text):
+            return self.encode_with_gaps(text)
+        return self.encoding.encode_ordinary(text)
+
+    def _has_missing_bytes(self, text):
+        # one pass in C over the UTF-8 bytes, ~1% of what encoding the text costs
+        data = text.encode("utf-8", "surrogatepass")
+        return len(data.translate(None, self.missing_bytes)) != len(data)
+
+    def encode_with_gaps(self, text):
+        """
+        Encoding as Hugging Face's BPE does it when some bytes have no token: the text is pre-split as usual,
+        then in each piece a byte with no token is left out (or becomes unk_token, once per run of such bytes)
+        and the rest of the piece is merged as one. Slower than encode (one call per piece): only text that
+        contains such a byte comes here.
+        """
+        try:
+            pieces = [piece.encode("utf-8") for piece in self._split_regex.findall(text)]
+        except UnicodeEncodeError:  # a lone surrogate: U+FFFD instead, as tiktoken does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            pieces = [piece.encode("utf-8") for piece in self._split_regex.findall(text)]
+        ids = []
+        for data in pieces:
+            if self.unk_id is None:
+                data = data.translate(None, self.missing_bytes)
+                ids.extend(self.encoding._encode_single_piece(data) if data else [])
+                continue
+            for i, part in enumerate(self._missing_run.split(data)):
+                if i > 0:
+                    ids.append(self.unk_id)
+                ids.extend(self.encoding._encode_single_piece(part) if part else [])
+        return ids
 
     def encode_batch(self, texts, bos=False, num_threads=8):
         """Many texts at once, on num_threads threads (tiktoken's Rust encoder runs without the GIL)."""
         texts = list(texts)
         if self.normalizer:
             texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
-        encode = self.encoding.encode_ordinary
+        encode = self._encode_ordinary
         if num_threads <= 1 or len(texts) < 2:
             batches = [encode(t) for t in texts]
         else:
@@ -447,47 +506,106 @@ def hf_folder(name):
 def read_hf_tokenizer(folder):
     """
     A Hugging Face folder's byte-level BPE tokenizer as Tokenizer's arguments: ranks, split pattern, special
-    tokens (its added tokens), its chat format read from the chat template in tokenizer_config.json, and the
-    token that starts a document. SentencePiece-style tokenizers (Llama 2, TinyLlama: Metaspace and byte
-    fallback) are refused: their merges work on characters, not bytes, and tiktoken cannot run them.
+    tokens (its added tokens), its chat format read from the chat template (chat_template.jinja, else
+    tokenizer_config.json), the token that starts a document and the one put before scored text.
+    SentencePiece-style tokenizers (Llama 2, TinyLlama: Metaspace, byte-fallback tokens <0x00>...) are refused:
+    their merges work on characters, not bytes, and tiktoken cannot run them.
     """
     folder = hf_folder(folder)
     path = f"{folder}/tokenizer.json"
     d = read_json_file(path)
     model = d.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"{path}: a {model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}"
+    vocab = model.get("vocab") or {}
+    # byte_fallback only fires for a byte whose <0xNN> token exists; transformers' GGUF loader sets it on
+    # byte-level vocabularies that have none, where it does nothing
+    fallback = model.get("byte_fallback") and any(regex.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) for t in vocab)
+    if model.get("type") != "BPE" or fallback:
+        raise ValueError(f"{path}: a {model.get('type')} model{' with byte fallback' if fallback else ''}"
                          "; only byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2, GPT-2) can be imported")
     pattern = split_pattern_of(d.get("pre_tokenizer"), path)
-    normalizer = (d.get("normalizer") or {}).get("type", "")
+    normalizer = d.get("normalizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    normalizer = "".join(step.get("type", "?") for step in steps if step)  # '' or 'NFC': what encode can do
     if normalizer not in ("", "NFC"):
         raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
     special_tokens = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
-    to_byte = {c: b for b, c in byte_alphabet().items()}
-    ranks = {}
-    for text, token_id in model["vocab"].items():
-        if text in special_tokens:
-            continue
-        try:
-            ranks[bytes(to_byte[c] for c in text)] = token_id
-        except KeyError:
-            raise ValueError(f"{path}: token {text!r} (id {token_id}) is not in the byte-level alphabet") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} of the 256 byte tokens are missing (e.g. byte {missing[0]})")
-    previous = -1
-    for i, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        merged_id = model["vocab"].get(left + right)
-        if merged_id is None or merged_id <= previous:
-            raise ValueError(f"{path}: merge {i} ({left!r} + {right!r}) does not make a token with a higher id than "
-                             "the merges before it, so tiktoken's BPE (lowest id first) would encode differently")
-        previous = merged_id
+    ranks = byte_level_ranks(((text, i) for text, i in vocab.items() if text not in special_tokens), path)
+    check_merge_order(model.get("merges", []), vocab, path)
+    unk_token = model.get("unk_token") or ""
+    if unk_token and all(bytes([b]) in ranks for b in range(256)):
+        unk_token = ""  # never used: every byte has a token
+    if unk_token and (unk_token not in special_tokens or not model.get("fuse_unk")):
+        problem = "not an added token" if unk_token not in special_tokens else "not fused (fuse_unk)"
+        raise ValueError(f"{path}: unk_token {unk_token!r} stands for bytes with no token, but it is {problem}; "
+                         "only an added, fused unk token (or none: such bytes are left out) is supported")
 
     config = read_json_file(f"{folder}/tokenizer_config.json", required=False)
     template = config.get("chat_template") or ""
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if os.path.exists(f"{folder}/chat_template.jinja"):  # transformers 4.43+ saves it alone, and reads it first
+        with open(f"{folder}/chat_template.jinja", encoding="utf-8") as f:
+            template = f.read()
+    bos = _token_name(config.get("bos_token"))
+    if config.get("tokenizer_class", "").startswith("LlamaTokenizer"):
+        # LlamaTokenizerFast rebuilds its post-processor from add_bos_token (True unless the config says so)
+        scoring_bos_token = bos if config.get("add_bos_token", True) else ""
+    else:  # the other fast tokenizers prepend what tokenizer.json's post-processor says, whatever the config
+        scoring_bos_token = post_processor_prefix(d.get("post_processor"))
+    if scoring_bos_token and scoring_bos_token not in special_tokens:
+        raise ValueError(f"{folder}: the token put before every text ({scoring_bos_token!r}) is not an added "
+                         "token of tokenizer.json")
+    bos_candidates = [bos, "<|endoftext|>", _token_name(config.get("eos_token"))]
+    return {"mergeable_ranks": ranks, "pattern": pattern, "special_tokens": special_tokens,
+            "name": os.path.basename(os.path.abspath(folder)), "normalizer": normalizer, "unk_token": unk_token,
+            "scoring_bos_token": scoring_bos_token,
+            **chat_settings(template, bos_candidates, special_tokens, folder)}
+
+
+def byte_level_ranks(tokens, source):
+    """(text in GPT-2's byte alphabet, id) pairs -> {token bytes: id}; every byte need not have a token."""
+    to_byte = {c: b for b, c in byte_alphabet().items()}
+    ranks = {}
+    for text, token_id in tokens:
+        try:
+            ranks[bytes(to_byte[c] for c in text)] = token_id
+        except KeyError:
+            raise ValueError(f"{source}: token {text!r} (id {token_id}) is not in the byte-level alphabet") \
+                from None
+    return ranks
+
+
+def check_merge_order(merges, vocab, source):
+    """tiktoken merges the pair whose token has the lowest id first: the same BPE if ids grow in merge order."""
+    previous = -1
+    for i, merge in enumerate(merges):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        merged_id = vocab.get(left + right)
+        if merged_id is None or merged_id <= previous:
+            raise ValueError(f"{source}: merge {i} ({left!r} + {right!r}) does not make a token with a higher id "
+                             "than the merges before it, so tiktoken's BPE (lowest id first) would encode "
+                             "differently")
+        previous = merged_id
+
+
+def post_processor_prefix(post_processor):
+    """The special token a tokenizer.json's post-processor puts before a single text (Llama 3's), or ''."""
+    post_processor = post_processor or {}
+    sequence = post_processor.get("type") == "Sequence"
+    steps = post_processor.get("processors", []) if sequence else [post_processor]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0]
+            return first["SpecialToken"]["id"] if "SpecialToken" in first else ""
+    return ""
+
+
+def chat_settings(template, bos_candidates, special_tokens, source):
+    """
+    The chat format a Jinja chat template renders (ChatML, Llama 3 or none we know), the default system message
+    a ChatML template adds, and the document-start token: the first of bos_candidates that exists and is not a
+    ChatML turn token (SmolLM2 names <|im_start|> its bos_token; its documents start with <|endoftext|>).
+    """
     if "<|im_start|>" in template:
         chat_format = "chatml"
     elif "<|start_header_id|>" in template:
@@ -496,18 +614,77 @@ def read_hf_tokenizer(folder):
         chat_format = "none"
     default_system = ""
     if chat_format == "chatml":
-        # SmolLM2's and Qwen2.5's templates open with a fixed system message when the conversation has none
-        found = regex.search(r"'<\|im_start\|>system\\n([^'{}]*)<\|im_end\|>\\n'", template)
+        # SmolLM2's and Qwen2.5's templates open with a fixed system message when the conversation has none; the
+        # newlines in the Jinja string are escaped (\n) in the Hub's files, real ones in SmolLM2's GGUF
+        found = regex.search(r"'<\|im_start\|>system(?:\\n|\n)([^'{}]*)<\|im_end\|>(?:\\n|\n)'", template)
         default_system = found.group(1).replace("\\n", "\n") if found else ""
     turn_tokens = {"<|im_start|>", "<|im_end|>"}
-    candidates = [_token_name(config.get("bos_token")), "<|endoftext|>", _token_name(config.get("eos_token"))]
-    bos_token = next((t for t in candidates if t in special_tokens and t not in turn_tokens), None)
+    bos_token = next((t for t in bos_candidates if t in special_tokens and t not in turn_tokens), None)
     if bos_token is None:
-        raise ValueError(f"{folder}: no token to start documents with (looked for the bos_token of "
-                         "tokenizer_config.json, <|endoftext|> and the eos_token)")
-    return {"mergeable_ranks": ranks, "pattern": pattern, "special_tokens": special_tokens,
-            "name": os.path.basename(os.path.abspath(folder)), "chat_format": chat_format, "bos_token": bos_token,
-            "chat_template": template, "default_system": default_system, "normalizer": normalizer}
+        looked_for = ", ".join(map(str, bos_candidates))
+        raise ValueError(f"{source}: no token to start documents with (looked for {looked_for})")
+    return {"chat_format": chat_format, "bos_token": bos_token, "chat_template": template,
+            "default_system": default_system}
+
+
+# GGUF names for pre-splits (tokenizer.ggml.pre, as llama.cpp's converter writes them) -> the same split as a
+# regex; the patterns are those of each model's own tokenizer.json
+LLAMA3_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+GGUF_PRE_SPLITS = {"gpt2": (GPT2_SPLIT_PATTERN, ""), "smollm": (GPT2_DIGITS_SPLIT_PATTERN, ""),
+                   "llama-bpe": (LLAMA3_SPLIT_PATTERN, ""), "qwen2": (QWEN2_SPLIT_PATTERN, "NFC")}
+GGUF_TOKEN_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user-defined", 5: "unused", 6: "byte"}
+
+
+def gguf_tokenizer_args(metadata, path):
+    """
+    The tokenizer of a GGUF file's metadata (checkpoint.read_gguf) as Tokenizer's arguments. Only byte-level BPE
+    ('gpt2' model): tokens in GPT-2's byte alphabet, merges, token types (control and user-defined tokens are
+    the special tokens, unused ones leave their id empty), tokenizer.ggml.pre naming the pre-split. Bytes with
+    no token are left out of the text, as the original Hugging Face tokenizer does (transformers' own GGUF
+    conversion maps them to the unknown token instead).
+    """
+    def get(key, default=None):
+        if key not in metadata and default is None:
+            raise ValueError(f"{path}: GGUF metadata has no {key} (needed for the tokenizer)")
+        return metadata.get(key, default)
+
+    kind = get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2': SmolLM2, "
+                         "Llama 3, Qwen2) can be imported, not SentencePiece ('llama': Llama 2, TinyLlama)")
+    pre = get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_SPLITS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}, a pre-split this importer does not know "
+                         f"(known: {', '.join(GGUF_PRE_SPLITS)})")
+    pattern, normalizer = GGUF_PRE_SPLITS[pre]
+    tokens = get("tokenizer.ggml.tokens")
+    types = get("tokenizer.ggml.token_type")
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    special_tokens, ordinary = {}, []
+    for token_id, (text, type_number) in enumerate(zip(tokens, types)):
+        token_type = GGUF_TOKEN_TYPES.get(int(type_number))
+        if token_type == "normal":
+            ordinary.append((text, token_id))
+        elif token_type in ("control", "user-defined", "unknown"):
+            special_tokens[text] = token_id
+        elif token_type == "byte":
+            raise ValueError(f"{path}: token {text!r} is a byte-fallback token (SentencePiece style); only "
+                             "byte-level BPE can be imported")
+        elif token_type is None:
+            raise ValueError(f"{path}: token {token_id} has token type {types[token_id]}, expected 1 to 6")
+    ranks = byte_level_ranks(ordinary, path)
+    check_merge_order(get("tokenizer.ggml.merges", []), {text: i for text, i in ordinary}, path)
+    named = lambda key: tokens[metadata[key]] if key in metadata and metadata[key] < len(tokens) else None
+    bos = named("tokenizer.ggml.bos_token_id")
+    # llama.cpp prepends BOS unless the file says not to (only its Llama 3 pre-split does by default)
+    scoring_bos_token = bos if bos and get("tokenizer.ggml.add_bos_token", pre == "llama-bpe") else ""
+    name = os.path.splitext(os.path.basename(path))[0]
+    return {"mergeable_ranks": ranks, "pattern": pattern, "special_tokens": special_tokens, "name": name,
+            "normalizer": normalizer, "scoring_bos_token": scoring_bos_token,
+            **chat_settings(metadata.get("tokenizer.chat_template", ""),
+                            [bos, "<|endoftext|>", named("tokenizer.ggml.eos_token_id")], special_tokens, path)}
 
 
 def merge_parts(token, ranks):
@@ -542,20 +719,32 @@ def hf_tokenizer_files(tokenizer, max_seq_len):
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
+        "post_processor": None,  # no token before each text, as our exports have always been
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         # ignore_merges: a piece that is a token as a whole is that token, as in tiktoken
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+        # a byte with no token: left out, or unk_token once per run of them (encode_with_gaps)
+        "model": {"type": "BPE", "dropout": None, "unk_token": tokenizer.unk_token or None,
+                  "fuse_unk": bool(tokenizer.unk_token), "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "byte_fallback": False, "ignore_merges": True,
                   # the special tokens are in the vocabulary too: Hugging Face gives an added token that is not
                   # an id after the whole vocabulary instead of the id it names
                   "vocab": {**{as_text(token): rank for token, rank in by_rank}, **dict(specials)},
                   "merges": merges},
     }
+    if tokenizer.chat_format != "nanollama" and tokenizer.scoring_bos_id is not None:
+        # an imported tokenizer that puts a token before every text (Llama 3's <|begin_of_text|>) keeps doing so
+        start = tokenizer.scoring_bos_token or tokenizer.bos_token
+        tokenizer_json["post_processor"] = {
+            "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": start, "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": start, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {start: {"id": start, "ids": [tokenizer.scoring_bos_id], "tokens": [start]}}}
     end_of_turn = CHAT_FORMATS[tokenizer.chat_format]["end_of_turn"] or tokenizer.bos_token
     template = NANOLLAMA_CHAT_TEMPLATE if tokenizer.chat_format == "nanollama" else tokenizer.chat_template
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
-                        "eos_token": end_of_turn, "pad_token": tokenizer.bos_token, "add_bos_token": False,
+                        "eos_token": end_of_turn, "pad_token": tokenizer.bos_token,
+                        "add_bos_token": tokenizer_json["post_processor"] is not None,
                         "add_eos_token": False, "clean_up_tokenization_spaces": False,
                         "model_max_length": max_seq_len}
     if template:

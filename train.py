@@ -49,6 +49,7 @@ init_from = "scratch"  # 'scratch' | 'resume' (continue out_dir/ckpt.pt: same sc
 #                       a .pt or .safetensors to fine-tune from (a fresh optimizer and schedule) |
 #                       'hf:DIR' a Hugging Face model folder (or a Hub id such as
 #                       HuggingFaceTB/SmolLM2-135M-Instruct)
+#                       | 'gguf:FILE' a GGUF file (llama.cpp's format)
 overwrite = False  # allow a run from scratch to replace an existing out_dir/ckpt.pt
 wandb_log = False  # also log to Weights & Biases (works offline with WANDB_MODE=offline)
 wandb_project = "nanollama"

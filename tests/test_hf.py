@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face test
 tokenizers = pytest.importorskip("tokenizers")
 
 from checkpoint import load_checkpoint, read_safetensors  # noqa: E402
-from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer  # noqa: E402
+from tokenizer import GPT4_SPLIT_PATTERN, Tokenizer, byte_alphabet  # noqa: E402
 
 # SmolLM2's chat template (ChatML, with a default system message) and a Llama 3 style one (trimmed content)
 CHATML_TEMPLATE = (
@@ -138,6 +138,100 @@ def test_imported_tokenizer_encodes_like_hugging_face(tmp_path, style):
     assert ours.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     # the tokenizer file round-trips, holes for the special ids included
     assert Tokenizer.from_json(ours.to_json()).encode_batch(lines[:50]) == got[:50]
+
+
+# the ChatML template above with real newlines in its Jinja strings, as SmolLM2's GGUF (and transformers' conversion
+# of it, in chat_template.jinja) has it
+CHATML_TEMPLATE_REAL_NEWLINES = CHATML_TEMPLATE.replace("\\n", "\n")
+CONTROL_BYTES = [4, 6, 19, 20, 22, 29]  # control characters SmolLM2's vocabulary has no token for
+
+
+def with_control_characters(lines):
+    """lines, then the same lines with runs of the control characters SmolLM2 has no token for inside them."""
+    spoiled = [line[:i % 7] + chr(CONTROL_BYTES[i % 6]) * (1 + i % 3) + line[i % 7:] + "\x1d"
+               for i, line in enumerate(lines[::2])]
+    # U+50000's UTF-8 starts with 0xF1, another byte without a token
+    return lines + spoiled + [".\x04.", "\x06abc", "12\x1434", "\x04", "a \x13\x16 b", "x\U00050000y, \U00050001!"]
+
+
+def transformers_gguf_style_folder(folder, unk_token, add_bos_token):
+    """
+    A tokenizer folder shaped as the one transformers saves for SmolLM2's GGUF: no token for some bytes (ids close
+    up), byte_fallback on with no <0xNN> token to fall back to, an empty normalizer Sequence, optionally an unk
+    token for the missing bytes, the chat template in chat_template.jinja with real newlines, LlamaTokenizerFast.
+    """
+    build_hf_tokenizer(folder, "gpt2", CHATML_SPECIALS, "")
+    d = json.loads((folder / "tokenizer.json").read_text())
+    alphabet = byte_alphabet()
+    gone = {alphabet[b] for b in CONTROL_BYTES + [0xC0, 0xC1, 0xF1, 0xFF]}
+    kept = [t for t, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in gone]
+    d["model"]["vocab"] = {t: i for i, t in enumerate(kept)}
+    d["model"].update(byte_fallback=True, unk_token=unk_token, fuse_unk=True)
+    d["normalizer"] = {"type": "Sequence", "normalizers": []}
+    for added in d["added_tokens"]:
+        added["id"] = d["model"]["vocab"][added["content"]]
+    (folder / "tokenizer.json").write_text(json.dumps(d))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "unk_token": "<|endoftext|>", "add_bos_token": add_bos_token, "add_eos_token": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE_REAL_NEWLINES)
+
+
+@pytest.mark.parametrize("unk_token", [None, "<|endoftext|>"])
+def test_real_vocabulary_quirks_encode_like_transformers(tmp_path, unk_token):
+    """A byte with no token: left out of its piece (merges join what is around it), or its unk token, per file."""
+    transformers_gguf_style_folder(tmp_path, unk_token, add_bos_token=unk_token is not None)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = Tokenizer.from_file(f"hf:{tmp_path}")
+    assert sorted(ours.missing_bytes) == CONTROL_BYTES + [0xC0, 0xC1, 0xF1, 0xFF]
+    lines = with_control_characters(real_lines(600))
+    expected = [reference(line, add_special_tokens=False)["input_ids"] for line in lines]
+    got = ours.encode_batch(lines)
+    mismatches = [line for line, a, b in zip(lines, expected, got) if a != b]
+    assert not mismatches, f"{len(mismatches)} of {len(lines)} lines differ, e.g. {mismatches[0]!r}"
+    unk = [ours.special("<|endoftext|>")] if unk_token else []
+    assert ours.encode("a\x04\x06b") == ours.encode("a") + unk + ours.encode("b")
+    # the template of chat_template.jinja, its default system message found though its newlines are real ones
+    assert ours.chat_format == "chatml" and ours.bos_token == "<|endoftext|>"
+    assert ours.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    prompt = reference.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True)
+    assert ours.render_for_completion(CONVERSATION) == [ours.bos_id] + prompt
+    # the token lm-evaluation-harness's tokenizer puts before scored text: LlamaTokenizerFast's add_bos_token
+    added = reference("Hello")["input_ids"][:-len(ours.encode("Hello"))]
+    assert added == ([ours.special("<|im_start|>")] if unk_token else [])  # add_bos_token True in the first case
+    assert ours.scoring_bos_id == (added[0] if added else None)
+    # the tokenizer file keeps all of it, and an export for transformers encodes the same ids
+    again = Tokenizer.from_json(ours.to_json())
+    assert again.encode_batch(lines[-300:]) == got[-300:] and again.scoring_bos_id == ours.scoring_bos_id
+    from tokenizer import hf_tokenizer_files
+    tokenizer_json, tokenizer_config = hf_tokenizer_files(ours, 512)
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (exported / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(exported))
+    assert [reloaded(line)["input_ids"] for line in lines[-300:]] == [added + ids for ids in got[-300:]]
+
+
+def test_scoring_start_token_from_the_post_processor(tmp_path):
+    """Llama 3's tokenizer.json puts <|begin_of_text|> before every text (its post-processor); SmolLM2's nothing."""
+    build_hf_tokenizer(tmp_path, "split", LLAMA3_SPECIALS, LLAMA3_TEMPLATE)
+    d = json.loads((tmp_path / "tokenizer.json").read_text())
+    begin = d["model"]["vocab"]["<|begin_of_text|>"]
+    d["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [begin],
+                                                  "tokens": ["<|begin_of_text|>"]}}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = Tokenizer.from_file(f"hf:{tmp_path}")
+    assert ours.scoring_bos_id == reference("Hello")["input_ids"][0] == begin
+    assert [ours.scoring_bos_id] + ours.encode("Hello there") == reference("Hello there")["input_ids"]
+    # our own tokenizers score after <|bos|>
+    assert Tokenizer.byte_level().scoring_bos_id == Tokenizer.byte_level().special("<|bos|>")
 
 
 def test_import_gives_the_logits_of_transformers(llama_folder):
@@ -327,11 +421,12 @@ def test_bad_folders_get_clear_errors(tmp_path, llama_folder):
     folder, _ = llama_folder
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_checkpoint(f"hf:{tmp_path / 'missing'}")
-    # a SentencePiece-style tokenizer (Llama 2, TinyLlama) is refused, naming the file
+    # a SentencePiece-style tokenizer (Llama 2, TinyLlama: byte fallback to <0x00>...) is refused, naming the file
     bad = tmp_path / "sentencepiece"
     shutil.copytree(folder, bad)
     d = json.loads((bad / "tokenizer.json").read_text())
     d["model"]["byte_fallback"] = True
+    d["model"]["vocab"]["<0x41>"] = len(d["model"]["vocab"])
     (bad / "tokenizer.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="tokenizer.json.*byte fallback"):
         Tokenizer.from_file(f"hf:{bad}")

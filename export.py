@@ -25,7 +25,7 @@ ModelArgs), tokenizer (the tokenizer file's JSON), tokenizer_sha256, data_format
 The model file (little-endian; every section starts at a multiple of 64 bytes, zero-padded):
 
     header, 256 bytes:
-        0  char[4] magic "NLLM"         4  int32 version (1)
+        0  char[4] magic "NLLM"         4  int32 version (2; run.c reads version 1 too)
         8  int32 dim                   12  int32 hidden_dim
        16  int32 n_layers              20  int32 n_heads
        24  int32 n_kv_heads            28  int32 vocab_size
@@ -33,26 +33,48 @@ The model file (little-endian; every section starts at a multiple of 64 bytes, z
        40  float32 norm_eps            44  int32 tied (1: the output head is the token embedding)
        48  int32 weight_type (0 fp32, 1 int8)   52  int32 group_size (int8 only, else 0)
        56  uint64 tokenizer_id (first 8 bytes of the tokenizer's sha256, also in the tokenizer file)
-       64  uint64 file_size (the whole file, in bytes)      72..255 zero
+       64  uint64 file_size (the whole file, in bytes)
+       72  int32 attention_bias (1: wq, wk and wv have biases, Qwen2)            (version 2; version 1: zero)
+       76  float32 rope_scaling (Llama 3.1's RoPE scaling factor; 0 = plain RoPE)  (version 2)
+       80  float32 rope_low_freq_factor    84  float32 rope_high_freq_factor     (version 2; 0 without scaling)
+       88  int32 rope_original_max_seq_len                                       (version 2; 0 without scaling)
+       92..255 zero
     weights, in this order (L = n_layers, hd = dim / n_heads, kv = n_kv_heads * hd):
         attention_norm (L, dim)    ffn_norm (L, dim)    norm (dim)                  always float32
+        bq (L, dim)   bk (L, kv)   bv (L, kv)                   only with attention_bias; always float32
         tok_embeddings (vocab_size, dim)
         wq (L, dim, dim)   wk (L, kv, dim)   wv (L, kv, dim)   wo (L, dim, dim)
         w1 (L, hidden_dim, dim)   w2 (L, dim, hidden_dim)   w3 (L, hidden_dim, dim)
         output (vocab_size, dim)                                                    only if not tied
     A matrix is row-major (out_features, in_features), as nn.Linear stores it. In an int8 file each matrix is
     two sections: int8 values, then one float32 scale per group of group_size consecutive values of a row
-    (symmetric: value = int8 * scale, int8 in -127..127).
+    (symmetric: value = int8 * scale, int8 in -127..127). Version 1 is version 2 without the fields at 72..91
+    (zero there) and without the biases.
+
+Weights that are not finite numbers (NaN, infinity: training that diverged) are refused, naming the tensor, in
+every format.
 
 The tokenizer file (tokenizer.bin):
 
-    header, 64 bytes: char[4] "NLTK", int32 version (1), int32 vocab_size, int32 bos_id, int32 n_special,
-        int32 max_token_bytes, uint64 tokenizer_id, int32 n_letter_ranges, int32 n_number_ranges,
-        int32 n_space_ranges, zero padding
+    header, 64 bytes:
+        0  char[4] magic "NLTK"         4  int32 version (2; run.c reads version 1 too)
+        8  int32 vocab_size            12  int32 bos_id
+       16  int32 n_special             20  int32 max_token_bytes
+       24  uint64 tokenizer_id
+       32  int32 n_letter_ranges       36  int32 n_number_ranges       40  int32 n_space_ranges
+       44  int32 split, the pre-split pattern: 0 GPT-4's (Llama 3's splits the same), 1 Qwen2's, 2 GPT-2's,
+           3 SmolLM2's                                                           (version 2; version 1: GPT-4's)
+       48  int32 unk_id: -1, a byte with no token of its own is left out of the text (tokenizer.py's choice,
+           Hugging Face's); else the token that stands for each run of such bytes      (version 2; version 1: -1)
+       52  int32 default_system_bytes                                            (version 2; version 1: none)
+       56..63 zero
     the Unicode classes of the pre-split, as inclusive (first, last) uint32 code point pairs: \\p{L}, \\p{N},
         \\s (taken from the `regex` package here, so run.c splits non-ASCII text like tokenizer.py does)
     every token by id: uint8 kind (0 ordinary, 1 special, 2 unused id), uint32 length, its bytes
         (a special token's bytes are its name, e.g. <|bos|>); an ordinary token's id is its BPE merge rank.
+    (version 2:) the chat template's default system message, UTF-8 (default_system_bytes; SmolLM2's and
+        Qwen2.5's templates add one to a conversation that has none, and so does ./run -m chat without -y)
+    Version 1 is version 2 with GPT-4's split, every byte a token and no default system message.
 """
 
 import hashlib
@@ -70,7 +92,7 @@ from configurator import ConfigError, configure
 from checkpoint import (hf_config, hf_state_dict, load_checkpoint, write_atomically, write_model_safetensors,
                         write_safetensors)
 from tokenizer import hf_tokenizer_files
-from tokenizer import GPT4_SPLIT_PATTERN
+from tokenizer import GPT2_DIGITS_SPLIT_PATTERN, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN
 
 # -----------------------------------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"  # the checkpoint to export (a LoRA checkpoint is merged into its base), hf:DIR or gguf:FILE
@@ -87,12 +109,18 @@ legacy_tokenizer_out = "tokenizer_llama2c.bin"  # --legacy: the tokenizer file f
 # -----------------------------------------------------------------------------------------------------
 
 MAGIC = b"NLLM"
-VERSION = 1
+VERSION = 2
 HEADER_BYTES = 256
 ALIGN = 64
 TOKENIZER_MAGIC = b"NLTK"
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2
 TOKENIZER_HEADER_BYTES = 64
+# the pre-splits run.c has written out by hand (the tokenizer file's split), by the regex tokenizer.py splits with;
+# Llama 3's and Qwen2's as their own tokenizer.json files write them
+LLAMA3_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+RUN_C_SPLITS = {GPT4_SPLIT_PATTERN: 0, LLAMA3_SPLIT_PATTERN: 0, QWEN2_SPLIT_PATTERN: 1, GPT2_SPLIT_PATTERN: 2,
+                GPT2_DIGITS_SPLIT_PATTERN: 3}
 
 
 def tokenizer_id(tokenizer):
@@ -136,17 +164,31 @@ def model_matrices(model):
     return matrices
 
 
+def check_finite(model, source):
+    """Refuse weights that are not finite numbers (training that diverged): run.c would print garbage from them."""
+    for name, tensor in model.state_dict().items():
+        bad = tensor.numel() - torch.isfinite(tensor).sum().item()
+        if bad:
+            sys.exit(f"error: {source}: {name} has {bad} of its {tensor.numel()} values NaN or infinite (did training "
+                     "diverge?); refusing to export it")
+
+
 def write_model(model, tokenizer, path, weight_type, group_size):
     args = model.args
     tied = args.tie_embeddings
-    norms = [torch.stack([l.attention_norm.weight for l in model.layers]),
-             torch.stack([l.ffn_norm.weight for l in model.layers]), model.norm.weight]
+    vectors = [torch.stack([l.attention_norm.weight for l in model.layers]),
+               torch.stack([l.ffn_norm.weight for l in model.layers]), model.norm.weight]
+    if args.attention_bias:
+        vectors += [torch.stack([getattr(l.attention, w).bias for l in model.layers]) for w in ("wq", "wk", "wv")]
+    # Llama 3.1's RoPE scaling, or zeros
+    scaling = (args.rope_scaling, args.rope_low_freq_factor, args.rope_high_freq_factor,
+               args.rope_original_max_seq_len) if args.rope_scaling else (0.0, 0.0, 0.0, 0)
     tmp_path = f"{path}.tmp{os.getpid()}"
     max_error = 0.0
     with open(tmp_path, "wb") as f:
         f.write(b"\0" * HEADER_BYTES)  # written last, when the file size is known
-        for norm in norms:
-            f.write(norm.detach().float().numpy().astype("<f4").tobytes())
+        for vector in vectors:
+            f.write(vector.detach().float().numpy().astype("<f4").tobytes())
             pad_to_alignment(f)
         for name, w in model_matrices(model):
             w = w.detach().float()
@@ -162,10 +204,11 @@ def write_model(model, tokenizer, path, weight_type, group_size):
                 f.write(scale.numpy().astype("<f4").tobytes())
                 pad_to_alignment(f)
         file_size = f.tell()
-        header = MAGIC + struct.pack("<i7i2f3iQQ", VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
-                                     args.n_kv_heads, args.vocab_size, args.max_seq_len, args.rope_theta,
-                                     args.norm_eps, int(tied), weight_type, group_size if weight_type else 0,
-                                     tokenizer_id(tokenizer), file_size)
+        header = MAGIC + struct.pack("<i7i2f3iQQi3fi", VERSION, args.dim, args.hidden_dim, args.n_layers,
+                                     args.n_heads, args.n_kv_heads, args.vocab_size, args.max_seq_len,
+                                     args.rope_theta, args.norm_eps, int(tied), weight_type,
+                                     group_size if weight_type else 0, tokenizer_id(tokenizer), file_size,
+                                     int(args.attention_bias), *scaling)
         f.seek(0)
         f.write(header.ljust(HEADER_BYTES, b"\0"))
         f.flush()
@@ -194,9 +237,17 @@ def unicode_ranges(pattern):
 
 
 def write_tokenizer(tokenizer, path):
-    if tokenizer.pattern != GPT4_SPLIT_PATTERN:
-        print(f"warning: this tokenizer pre-splits with {tokenizer.pattern!r}; run.c implements only the GPT-4 "
-              "pattern, so its prompt encoding may differ from tokenizer.py's", file=sys.stderr)
+    split = RUN_C_SPLITS.get(tokenizer.pattern)
+    if split is None:
+        split = 0
+        print(f"warning: this tokenizer pre-splits with {tokenizer.pattern!r}; run.c implements GPT-4's, Llama 3's, "
+              "Qwen2's, GPT-2's and SmolLM2's and will split with GPT-4's, so its prompt encoding may differ from "
+              "tokenizer.py's", file=sys.stderr)
+    if tokenizer.normalizer:
+        print(f"warning: this tokenizer normalizes text to {tokenizer.normalizer} before encoding and run.c does not: "
+              f"a prompt not already in {tokenizer.normalizer} (rare: e.g. accents typed as separate combining marks) "
+              "encodes differently in run.c", file=sys.stderr)
+    unk_id = getattr(tokenizer, "unk_id", None)  # the token for a byte with no token of its own; None: left out
     vocab_size = tokenizer.vocab_size
     kinds, pieces = [2] * vocab_size, [b""] * vocab_size
     for token, rank in tokenizer.mergeable_ranks.items():
@@ -204,15 +255,18 @@ def write_tokenizer(tokenizer, path):
     for name, i in tokenizer.special_tokens.items():
         kinds[i], pieces[i] = 1, name.encode("utf-8")
     classes = [unicode_ranges(p) for p in (r"\p{L}", r"\p{N}", r"\s")]
-    header = TOKENIZER_MAGIC + struct.pack("<5iQ3i", TOKENIZER_VERSION, vocab_size, tokenizer.bos_id,
+    system = tokenizer.default_system.encode("utf-8")
+    header = TOKENIZER_MAGIC + struct.pack("<5iQ6i", TOKENIZER_VERSION, vocab_size, tokenizer.bos_id,
                                            len(tokenizer.special_tokens), max(map(len, pieces)),
-                                           tokenizer_id(tokenizer), *map(len, classes))
+                                           tokenizer_id(tokenizer), *map(len, classes), split,
+                                           -1 if unk_id is None else unk_id, len(system))
     with open(path, "wb") as f:
         f.write(header.ljust(TOKENIZER_HEADER_BYTES, b"\0"))
         for ranges in classes:
             f.write(np.array(ranges, dtype="<u4").tobytes())
         for kind, piece in zip(kinds, pieces):
             f.write(struct.pack("<BI", kind, len(piece)) + piece)
+        f.write(system)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +280,10 @@ def check_legacy(args, tokenizer):
         problems.append(f"rope_theta={args.rope_theta:g} (llama2.c uses 10000)")
     if abs(args.norm_eps - 1e-5) > 1e-12:
         problems.append(f"norm_eps={args.norm_eps:g} (llama2.c uses 1e-5)")
+    if args.attention_bias:
+        problems.append("attention biases (llama2.c has none)")
+    if args.rope_scaling:
+        problems.append("Llama 3.1's RoPE scaling (llama2.c has plain RoPE)")
     if tokenizer.vocab_size > args.vocab_size:
         problems.append("the tokenizer is larger than the model's vocabulary")
     byte_ids = [tokenizer.mergeable_ranks.get(bytes([b])) for b in range(256)]
@@ -355,6 +413,7 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     args = model.args
+    check_finite(model, ckpt)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if format == "hf":
         out = out or "hf_model"
@@ -376,10 +435,6 @@ if __name__ == "__main__":
               f"run it without torch: python run_numpy.py {out}{mode} -i \"Hello\"")
         sys.exit(0)
     out = out or "model.bin"
-    unsupported = ["attention biases (Qwen2)"] * args.attention_bias + ["Llama 3 RoPE scaling"] * bool(args.rope_scaling)
-    if unsupported:
-        sys.exit(f"error: {ckpt}: run.c does not implement {' and '.join(unsupported)}; "
-                 "export it with --format=hf or --format=safetensors instead")
     weight_type = 1 if quantize == "int8" else 0
     group = choose_group_size(args, group_size) if weight_type else 0
     file_size, max_error = write_model(model, tokenizer, out, weight_type, group)
@@ -394,7 +449,7 @@ if __name__ == "__main__":
               f"(ids remapped: <|bos|> is 1, byte b is 3 + b)")
     tokenizer_file = tokenizer_out or "tokenizer.bin"
     if checkpoint.get("data_format") == "chat":
-        # an imported ChatML template's default system message is not in the tokenizer file: pass it with -y
+        # an imported ChatML template's default system message (in the tokenizer file too: ./run uses it without -y)
         system = f" -y {shlex.quote(tokenizer.default_system)}" if tokenizer.default_system else ""
         print(f"a chat model ({tokenizer.chat_format} chat format): ./run {out} -z {tokenizer_file} -m chat{system}")
     else:

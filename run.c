@@ -6,10 +6,11 @@ Inference for nanollama models in one C file: libc and libm only (OpenMP optiona
     ./run model.bin -z tokenizer.bin -m chat -y "You are a helpful assistant."
 
 The model file and the tokenizer file are written by export.py, whose docstring documents both layouts.
-The forward pass is model.py's: RMSNorm, RoPE on interleaved pairs, grouped-query attention, SwiGLU, with float32
-or group-wise int8 weights. Prompts are encoded like tokenizer.py: GPT-4's regex pre-split (written out by hand
-below, with the Unicode letter / number / space classes read from the tokenizer file), then byte-level BPE by
-merge rank.
+The forward pass is model.py's: RMSNorm, RoPE on interleaved pairs (with Llama 3.1's long-context scaling),
+grouped-query attention (with Qwen2's q/k/v biases), SwiGLU, with float32 or group-wise int8 weights. Prompts are
+encoded like tokenizer.py: the tokenizer's regex pre-split (GPT-4's, Llama 3's, Qwen2's, GPT-2's or SmolLM2's,
+written out by hand below, with the Unicode letter / number / space classes read from the tokenizer file), then
+byte-level BPE by merge rank.
 
 The file reads top to bottom: the model's structs, its building blocks in plain C, the forward pass (one token),
 the same for a block of prompt tokens, reading the model file, the tokenizer, the sampler, the calculator tool,
@@ -22,6 +23,7 @@ work to it where this build has it; a reader may skip it.
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -58,6 +60,28 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
+// a whole file, with a NUL after its end; pipes and /dev/stdin too (their size is known only once read)
+static char *read_file(const char *path, const char *what, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) fail("cannot open %s %s: %s", what, path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) fail("%s %s is a directory; expected a file", what, path);
+    size_t n = 0, capacity = (size_t)1 << 16;
+    char *data = xmalloc(capacity + 1);
+    for (size_t got; (got = fread(data + n, 1, capacity - n, f)) > 0;) {
+        n += got;
+        if (n == capacity) {
+            capacity *= 2;
+            if (!(data = realloc(data, capacity + 1))) fail("out of memory reading %s %s", what, path);
+        }
+    }
+    if (ferror(f)) fail("cannot read %s %s: %s", what, path, strerror(errno));
+    fclose(f);
+    data[n] = '\0';
+    *size = n;
+    return data;
+}
+
 // ----------------------------------------------------------------------------
 // the Transformer model
 
@@ -75,6 +99,11 @@ typedef struct {
     int weight_type;  // 0 float32, 1 int8
     int group_size;   // int8: values per scale
     uint64_t tokenizer_id;
+    int attention_bias;          // 1: wq, wk and wv add a bias (Qwen2)
+    float rope_scaling;          // Llama 3.1's long-context RoPE: the factor its low frequencies are divided by; 0 off
+    float rope_low_freq_factor;  // (rope_scaling only) the blend between scaled and kept frequencies, and
+    float rope_high_freq_factor; // the original context the wavelengths are measured against
+    int rope_original_max_seq_len;
 } Config;
 
 // A weight matrix (rows, cols), row-major: float32 values, or int8 values with one scale per group.
@@ -88,6 +117,9 @@ typedef struct {
     const float *rms_att;    // (layer, dim)
     const float *rms_ffn;    // (layer, dim)
     const float *rms_final;  // (dim)
+    const float *bq;         // (layer, dim) the biases of wq, wk, wv; NULL without attention_bias
+    const float *bk;         // (layer, kv_dim)
+    const float *bv;         // (layer, kv_dim)
     Matrix tok_embeddings;   // (vocab_size, dim)
     Matrix wq;               // (layer, dim, dim)
     Matrix wk;               // (layer, kv_dim, dim)
@@ -131,6 +163,7 @@ typedef struct {
     RunState state;
     void *data;        // the mmapped file
     size_t file_size;
+    const char *path;  // for messages
 } Transformer;
 
 // The speed section at the end of the file. A fast_* function returns 0 where this build has nothing faster,
@@ -183,18 +216,23 @@ static void matmul(float *out, const float *x, const QVector *xq, Matrix w, int 
     }
 }
 
-// Quantize x (n,) to int8 in groups: scale = max|x| / 127, q = round(x / scale).
+// Quantize x (n,) to int8 in groups: scale = max|x| / 127, q = round(x / scale). A group holding a NaN or an
+// infinity gets a NaN scale, so that it reaches the logits as in float32 (checked_logits) instead of vanishing.
 static void quantize(QVector *out, const float *x, int n, int group_size) {
     for (int g = 0; g < n / group_size; g++) {
         const float *xg = x + (size_t)g * group_size;
         int8_t *qg = out->q + (size_t)g * group_size;
         float max_abs = 0.0f;
-        #pragma omp simd reduction(max:max_abs)
-        for (int j = 0; j < group_size; j++) max_abs = fabsf(xg[j]) > max_abs ? fabsf(xg[j]) : max_abs;
-        float scale = max_abs / 127.0f, inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
+        int finite = 1;
+        #pragma omp simd reduction(max:max_abs) reduction(&:finite)
+        for (int j = 0; j < group_size; j++) {
+            max_abs = fabsf(xg[j]) > max_abs ? fabsf(xg[j]) : max_abs;
+            finite &= fabsf(xg[j]) <= FLT_MAX;  // (false for NaN and infinity)
+        }
+        float scale = finite ? max_abs / 127.0f : NAN, inverse = finite && max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
         out->s[g] = scale;
         #pragma omp simd
-        for (int j = 0; j < group_size; j++) qg[j] = (int8_t)rintf(xg[j] * inverse);
+        for (int j = 0; j < group_size; j++) qg[j] = (int8_t)rintf(finite ? xg[j] * inverse : 0.0f);
     }
 }
 
@@ -243,6 +281,11 @@ static void embedding_row(float *out, Matrix table, int token, int dim, int grou
         const float *s = table.s + (size_t)token * dim / group_size;
         for (int j = 0; j < dim; j++) out[j] = q[j] * s[j / group_size];
     }
+}
+
+// out (n,) += bias (n,): the q, k and v projections of a model with attention biases (Qwen2)
+static void add_bias(float *out, const float *bias, int n) {
+    for (int i = 0; i < n; i++) out[i] += bias[i];
 }
 
 // rotate interleaved pairs (v[2i], v[2i+1]) of every head by the angles of position pos
@@ -304,6 +347,18 @@ static void attention(float *out, const float *q, const float *keys, const float
 // ----------------------------------------------------------------------------
 // the forward pass
 
+// Logits that are not finite numbers come from weights that are not (training that diverged, a damaged file): stop
+// with a message instead of printing garbage. One pass over the vocabulary, nothing beside the matmuls; a scan of the
+// whole file at load would read every weight before the first token, and miss values that overflow in the forward pass.
+static float *checked_logits(Transformer *t, int pos) {
+    const float *logits = t->state.logits;
+    for (int i = 0; i < t->config.vocab_size; i++)
+        if (!isfinite(logits[i]))
+            fail("%s: the logits at position %d are not finite numbers (%g): the file has NaN or infinite weights, or "
+                 "weights so large they overflow; export.py refuses to write such a model", t->path, pos, logits[i]);
+    return t->state.logits;
+}
+
 // the logits of the next token after `token` at position `pos` (the KV cache holds positions < pos)
 static float *forward(Transformer *t, int token, int pos) {
     Config *c = &t->config;
@@ -323,6 +378,11 @@ static float *forward(Transformer *t, int token, int pos) {
         matmul(s->q, s->xb, &s->xq, layer_matrix(w->wq, (size_t)l * dim * dim, gs), dim, dim, gs);
         matmul(s->k, s->xb, &s->xq, layer_matrix(w->wk, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs);
         matmul(s->v, s->xb, &s->xq, layer_matrix(w->wv, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs);
+        if (c->attention_bias) {
+            add_bias(s->q, w->bq + (size_t)l * dim, dim);
+            add_bias(s->k, w->bk + (size_t)l * kv_dim, kv_dim);
+            add_bias(s->v, w->bv + (size_t)l * kv_dim, kv_dim);
+        }
         rope(s->q, dim, head_dim, cos_pos, sin_pos);
         rope(s->k, kv_dim, head_dim, cos_pos, sin_pos);
         store_kv(s, c, l, pos, s->k, s->v);
@@ -350,7 +410,7 @@ static float *forward(Transformer *t, int token, int pos) {
     rmsnorm(x, x, w->rms_final, dim, c->norm_eps);
     matmul_input(s, x, dim, c);
     matmul(s->logits, x, &s->xq, w->wcls, dim, c->vocab_size, gs);
-    return s->logits;
+    return checked_logits(t, pos);
 }
 
 // ----------------------------------------------------------------------------
@@ -395,6 +455,11 @@ static float *forward_block(Transformer *t, const int *tokens, int n_tokens, int
         matmul_block(s->v, s->xb, &s->xq, layer_matrix(w->wv, (size_t)l * kv_dim * dim, gs), dim, kv_dim, gs,
                      n_tokens);
         for (int i = 0; i < n_tokens; i++) {
+            if (c->attention_bias) {
+                add_bias(s->q + (size_t)i * dim, w->bq + (size_t)l * dim, dim);
+                add_bias(s->k + (size_t)i * kv_dim, w->bk + (size_t)l * kv_dim, kv_dim);
+                add_bias(s->v + (size_t)i * kv_dim, w->bv + (size_t)l * kv_dim, kv_dim);
+            }
             const float *cos_pos = s->rope_cos + (size_t)(pos + i) * (head_dim / 2);
             const float *sin_pos = s->rope_sin + (size_t)(pos + i) * (head_dim / 2);
             rope(s->q + (size_t)i * dim, dim, head_dim, cos_pos, sin_pos);
@@ -432,7 +497,7 @@ static float *forward_block(Transformer *t, const int *tokens, int n_tokens, int
     rmsnorm(last, last, w->rms_final, dim, c->norm_eps);
     matmul_input(s, last, dim, c);
     matmul(s->logits, last, &s->xq, w->wcls, dim, c->vocab_size, gs);
-    return s->logits;
+    return checked_logits(t, pos + n_tokens - 1);
 }
 
 // feed tokens[0 .. n) at positions pos .. pos + n - 1 into the KV cache, a block at a time (-b); the logits after
@@ -451,7 +516,7 @@ static float *prefill(Transformer *t, const int *tokens, int n, int pos) {
 
 
 #define MODEL_MAGIC "NLLM"
-#define MODEL_VERSION 1
+#define MODEL_VERSION 2  // version 1 files (no attention biases, no RoPE scaling) are read too
 #define MODEL_HEADER_BYTES 256
 #define ALIGN 64
 
@@ -486,6 +551,15 @@ static uint64_t map_weights(Weights *w, const unsigned char *base, const Config 
     offset += align_up(layers * dim * 4);
     w->rms_final = base ? (const float *)(base + offset) : NULL;
     offset += align_up(dim * 4);
+    w->bq = w->bk = w->bv = NULL;
+    if (c->attention_bias) {
+        w->bq = base ? (const float *)(base + offset) : NULL;
+        offset += align_up(layers * dim * 4);
+        w->bk = base ? (const float *)(base + offset) : NULL;
+        offset += align_up(layers * kv_dim * 4);
+        w->bv = base ? (const float *)(base + offset) : NULL;
+        offset += align_up(layers * kv_dim * 4);
+    }
     w->tok_embeddings = map_matrix(base, &offset, vocab * dim, c);
     w->wq = map_matrix(base, &offset, layers * dim * dim, c);
     w->wk = map_matrix(base, &offset, layers * kv_dim * dim, c);
@@ -501,12 +575,13 @@ static uint64_t map_weights(Weights *w, const unsigned char *base, const Config 
 
 // Read and check the header; every field is bounded so that sizes below cannot overflow.
 static void read_config(Config *c, const unsigned char *h, size_t file_size, const char *path) {
+    memset(c, 0, sizeof(*c));
     if (memcmp(h, MODEL_MAGIC, 4) != 0)
         fail("%s is not a nanollama model file (no \"NLLM\" magic at its start); write one with export.py", path);
     int version = read_i32(h + 4);
-    if (version != MODEL_VERSION)
-        fail("%s: model file version %d, this run.c reads version %d; export the model again with export.py",
-             path, version, MODEL_VERSION);
+    if (version < 1 || version > MODEL_VERSION)
+        fail("%s: model file version %d, this run.c reads versions 1 to %d; export the model again with the export.py "
+             "beside this run.c", path, version, MODEL_VERSION);
     c->dim = read_i32(h + 8);
     c->hidden_dim = read_i32(h + 12);
     c->n_layers = read_i32(h + 16);
@@ -521,6 +596,13 @@ static void read_config(Config *c, const unsigned char *h, size_t file_size, con
     c->group_size = read_i32(h + 52);
     c->tokenizer_id = read_u64(h + 56);
     uint64_t recorded_size = read_u64(h + 64);
+    if (version >= 2) {  // (zero in version 1: plain attention and RoPE)
+        c->attention_bias = read_i32(h + 72);
+        c->rope_scaling = read_f32(h + 76);
+        c->rope_low_freq_factor = read_f32(h + 80);
+        c->rope_high_freq_factor = read_f32(h + 84);
+        c->rope_original_max_seq_len = read_i32(h + 88);
+    }
     const char *bad = NULL;
     if (c->dim <= 0 || c->dim > 65536) bad = "dim";
     else if (c->hidden_dim <= 0 || c->hidden_dim > 262144) bad = "hidden_dim";
@@ -536,12 +618,33 @@ static void read_config(Config *c, const unsigned char *h, size_t file_size, con
     else if (c->weight_type == 0 && c->group_size != 0) bad = "group_size";
     else if (c->weight_type == 1 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
         bad = "group_size";
+    else if (c->attention_bias != 0 && c->attention_bias != 1) bad = "attention_bias";
+    else if (!(c->rope_scaling >= 0.0f) || !isfinite(c->rope_scaling)) bad = "rope_scaling";
+    else if (c->rope_scaling > 0.0f && !(c->rope_low_freq_factor > 0.0f && isfinite(c->rope_high_freq_factor) &&
+                                         c->rope_high_freq_factor > c->rope_low_freq_factor &&
+                                         c->rope_original_max_seq_len > 0))
+        bad = "RoPE scaling factors";
     if (bad) fail("%s: the header has an invalid %s; the file is corrupt (export it again)", path, bad);
     Weights w;
     uint64_t expected_size = map_weights(&w, NULL, c);
     if (recorded_size != file_size || expected_size != file_size)
         fail("%s: the file has %zu bytes but its header describes %llu (records %llu); it is truncated or corrupt",
              path, file_size, (unsigned long long)expected_size, (unsigned long long)recorded_size);
+}
+
+/*
+The rotation frequency of pair i of a head: theta^(-2i/head_dim). Llama 3.1's scaling (model.llama3_scaled_frequencies)
+divides the frequencies whose wavelength is longer than original_max_seq_len / low_freq_factor by rope_scaling, keeps
+those shorter than original_max_seq_len / high_freq_factor, and blends the two in between. In double, as model.py.
+*/
+static double rope_frequency(const Config *c, int i, int head_dim) {
+    double frequency = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / head_dim);
+    if (c->rope_scaling == 0.0f) return frequency;
+    double wavelength = 2 * 3.141592653589793 / frequency;
+    double blend = ((double)c->rope_original_max_seq_len / wavelength - c->rope_low_freq_factor) /
+                   ((double)c->rope_high_freq_factor - c->rope_low_freq_factor);  // 0: scaled .. 1: kept
+    blend = blend < 0.0 ? 0.0 : blend > 1.0 ? 1.0 : blend;
+    return (1 - blend) * (frequency / c->rope_scaling) + blend * frequency;
 }
 
 static void alloc_run_state(RunState *s, const Config *c, int block) {
@@ -562,13 +665,12 @@ static void alloc_run_state(RunState *s, const Config *c, int block) {
     s->value_cache = xmalloc((size_t)c->n_layers * c->seq_len * kv_dim * sizeof(float));
     s->xq.q = xmalloc(widest);
     s->xq.s = xmalloc((c->group_size ? widest / c->group_size : 1) * sizeof(float));
-    // RoPE angles pos * theta^(-2i/head_dim), in double then rounded, as model.py precomputes them
+    // RoPE angles pos * frequency, in double then rounded, as model.py precomputes them
     s->rope_cos = xmalloc((size_t)c->seq_len * (head_dim / 2) * sizeof(float));
     s->rope_sin = xmalloc((size_t)c->seq_len * (head_dim / 2) * sizeof(float));
     for (int pos = 0; pos < c->seq_len; pos++) {
         for (int i = 0; i < head_dim / 2; i++) {
-            double freq = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / head_dim);
-            double angle = (double)pos * freq;
+            double angle = (double)pos * rope_frequency(c, i, head_dim);
             s->rope_cos[(size_t)pos * (head_dim / 2) + i] = (float)cos(angle);
             s->rope_sin[(size_t)pos * (head_dim / 2) + i] = (float)sin(angle);
         }
@@ -585,7 +687,10 @@ static void build_transformer(Transformer *t, const char *path, int block) {
     int fd = open(path, O_RDONLY);
     if (fd == -1) fail("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) fail("%s is not a regular file", path);
+    if (fstat(fd, &st) != 0) fail("cannot read model file %s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        fail("model file %s is %s; expected the file export.py writes", path,
+             S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
     size_t size = (size_t)st.st_size;
     if (size < MODEL_HEADER_BYTES)
         fail("%s has %zu bytes, fewer than the %d-byte header of a model file; it is truncated or not a model file",
@@ -598,6 +703,7 @@ static void build_transformer(Transformer *t, const char *path, int block) {
     map_weights(&t->weights, data, &t->config);
     t->data = data;
     t->file_size = size;
+    t->path = path;
     alloc_run_state(&t->state, &t->config, block < t->config.seq_len ? block : t->config.seq_len);
 }
 
@@ -610,16 +716,22 @@ static void free_transformer(Transformer *t) {
 // the BPE tokenizer
 
 #define TOKENIZER_MAGIC "NLTK"
-#define TOKENIZER_VERSION 1
+#define TOKENIZER_VERSION 2  // version 1 files (GPT-4's pre-split, every byte a token) are read too
 #define TOKENIZER_HEADER_BYTES 64
 
 enum { CLASS_LETTER, CLASS_NUMBER, CLASS_SPACE };
+
+// the pre-split patterns of tokenizer.py (see chunk_end)
+enum { SPLIT_GPT4, SPLIT_QWEN2, SPLIT_GPT2, SPLIT_SMOLLM2, N_SPLITS };
 
 typedef struct {
     int vocab_size;
     int bos_id;
     int max_token_bytes;
     uint64_t id;                    // ties it to a model file
+    int split;                      // SPLIT_*
+    int unk_id;                     // the token for a run of bytes that have no token, or -1: such bytes are left out
+    const char *default_system;     // the system message of the chat template when -y gives none ("" none)
     const uint32_t *ranges[3];      // per class: inclusive (first, last) code point pairs, sorted
     int n_ranges[3];
     const unsigned char **pieces;   // (vocab_size,) each token's bytes
@@ -627,6 +739,7 @@ typedef struct {
     unsigned char *kinds;           // (vocab_size,) 0 ordinary, 1 special, 2 unused
     int *table;                     // open-addressing hash table: bytes -> ordinary token id, -1 empty
     uint32_t table_mask;
+    unsigned char has_byte[256];    // 1 where the byte is a token of its own (real vocabularies lack a few)
     unsigned char *data;            // the whole file
 } Tokenizer;
 
@@ -653,33 +766,34 @@ static int special_id(const Tokenizer *t, const char *name) {
 }
 
 static void build_tokenizer(Tokenizer *t, const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) fail("cannot open tokenizer file %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
+    size_t size;
+    unsigned char *data = (unsigned char *)read_file(path, "tokenizer file", &size);
     if (size < TOKENIZER_HEADER_BYTES)
-        fail("%s has %ld bytes, fewer than the %d-byte header of a tokenizer file; it is truncated or not one",
-             path, size < 0 ? 0 : size, TOKENIZER_HEADER_BYTES);
-    unsigned char *data = xmalloc(size);
-    if (fread(data, 1, size, f) != (size_t)size) fail("cannot read %s", path);
-    fclose(f);
+        fail("%s has %zu bytes, fewer than the %d-byte header of a tokenizer file; it is truncated or not one",
+             path, size, TOKENIZER_HEADER_BYTES);
     if (memcmp(data, TOKENIZER_MAGIC, 4) != 0)
         fail("%s is not a nanollama tokenizer file (no \"NLTK\" magic); export.py writes one beside the model", path);
     int version = read_i32(data + 4);
-    if (version != TOKENIZER_VERSION)
-        fail("%s: tokenizer file version %d, this run.c reads version %d", path, version, TOKENIZER_VERSION);
+    if (version < 1 || version > TOKENIZER_VERSION)
+        fail("%s: tokenizer file version %d, this run.c reads versions 1 to %d; export it again with the export.py "
+             "beside this run.c", path, version, TOKENIZER_VERSION);
     t->vocab_size = read_i32(data + 8);
     t->bos_id = read_i32(data + 12);
     t->max_token_bytes = read_i32(data + 20);
     t->id = read_u64(data + 24);
+    t->split = version >= 2 ? read_i32(data + 44) : SPLIT_GPT4;
+    t->unk_id = version >= 2 ? read_i32(data + 48) : -1;
+    int system_bytes = version >= 2 ? read_i32(data + 52) : 0;
     if (t->vocab_size <= 0 || t->vocab_size > (1 << 22) || t->bos_id < 0 || t->bos_id >= t->vocab_size ||
-        t->max_token_bytes < 0 || t->max_token_bytes > (1 << 20))
-        fail("%s: the header is corrupt (vocab_size %d, bos_id %d)", path, t->vocab_size, t->bos_id);
-    size_t offset = TOKENIZER_HEADER_BYTES;
+        t->max_token_bytes < 0 || t->max_token_bytes > (1 << 20) || t->split < 0 || t->split >= N_SPLITS ||
+        t->unk_id < -1 || t->unk_id >= t->vocab_size || system_bytes < 0 || (size_t)system_bytes > size)
+        fail("%s: the header is corrupt (vocab_size %d, bos_id %d, split %d, unk_id %d)", path, t->vocab_size,
+             t->bos_id, t->split, t->unk_id);
+    size_t offset = TOKENIZER_HEADER_BYTES, end = size - (size_t)system_bytes;  // the system message is last
     for (int c = 0; c < 3; c++) {
         int n = read_i32(data + 32 + 4 * c);
-        if (n < 0 || (size_t)n * 8 > (size_t)size - offset) fail("%s: truncated or corrupt (Unicode tables)", path);
+        if (n < 0 || offset > end || (size_t)n * 8 > end - offset)
+            fail("%s: truncated or corrupt (Unicode tables)", path);
         t->n_ranges[c] = n;
         t->ranges[c] = (const uint32_t *)(data + offset);  // offsets are multiples of 4: aligned
         offset += (size_t)n * 8;
@@ -688,20 +802,21 @@ static void build_tokenizer(Tokenizer *t, const char *path) {
     t->lengths = xmalloc(t->vocab_size * sizeof(int));
     t->kinds = xmalloc(t->vocab_size);
     for (int i = 0; i < t->vocab_size; i++) {
-        if ((size_t)size - offset < 5) fail("%s: truncated (token %d of %d)", path, i, t->vocab_size);
+        if (end - offset < 5) fail("%s: truncated (token %d of %d)", path, i, t->vocab_size);
         unsigned char kind = data[offset];
         uint32_t length;
         memcpy(&length, data + offset + 1, 4);
         offset += 5;
-        if (kind > 2 || length > (uint32_t)t->max_token_bytes || length > (size_t)size - offset)
+        if (kind > 2 || length > (uint32_t)t->max_token_bytes || length > end - offset)
             fail("%s: truncated or corrupt (token %d of %d)", path, i, t->vocab_size);
         t->kinds[i] = kind;
         t->lengths[i] = (int)length;
         t->pieces[i] = data + offset;
         offset += length;
     }
-    if (offset != (size_t)size) fail("%s: %zu unexpected bytes after the last token; the file is corrupt",
-                                     path, (size_t)size - offset);
+    if (offset != end) fail("%s: %zu unexpected bytes after the last token; the file is corrupt", path, end - offset);
+    t->default_system = (const char *)data + end;  // (read_file ends the data with a NUL)
+    if (strlen(t->default_system) != (size_t)system_bytes) fail("%s: the default system message is corrupt", path);
     uint32_t table_size = 1;
     while (table_size < 2u * (uint32_t)t->vocab_size) table_size <<= 1;
     t->table = xmalloc(table_size * sizeof(int));
@@ -714,7 +829,13 @@ static void build_tokenizer(Tokenizer *t, const char *path) {
         while (t->table[i] >= 0) i = (i + 1) & t->table_mask;
         t->table[i] = id;
     }
+    for (int b = 0; b < 256; b++) {
+        unsigned char byte = (unsigned char)b;
+        t->has_byte[b] = lookup(t, &byte, 1) >= 0;
+    }
     if (t->kinds[t->bos_id] != 1) fail("%s: bos_id %d is not a special token; corrupt", path, t->bos_id);
+    if (t->unk_id >= 0 && t->kinds[t->unk_id] != 1)
+        fail("%s: unk_id %d is not a special token; corrupt", path, t->unk_id);
     t->data = data;
 }
 
@@ -722,7 +843,7 @@ static void free_tokenizer(Tokenizer *t) {
     free(t->pieces); free(t->lengths); free(t->kinds); free(t->table); free(t->data);
 }
 
-// --- the GPT-4 pre-split, on code points ---
+// --- the pre-split, on code points ---
 
 static int in_class(const Tokenizer *t, int class, uint32_t cp) {
     if (cp < 128) {  // ASCII fast path
@@ -759,49 +880,59 @@ static int utf8_decode(const unsigned char *s, int n, uint32_t *cp) {
 }
 
 /*
-Where the chunk starting at code point i ends (exclusive), following
-    '(?i:[sdmt]|ll|ve|re) | [^\r\n\p{L}\p{N}]?+\p{L}+ | \p{N}{1,3} | ?[^\s\p{L}\p{N}]++[\r\n]* | \s*[\r\n] |
-    \s+(?!\S) | \s+
-alternative by alternative, as the regex engine tries them. The case-insensitive contractions match ASCII
-letters only (the regex engines would also fold a few exotic letters, e.g. U+017F into s).
+Where the chunk starting at code point i ends (exclusive), following the tokenizer's pre-split pattern alternative by
+alternative, as the regex engine tries them:
+    GPT-4 (ours)  '(?i:[sdmt]|ll|ve|re) | [^\r\n\p{L}\p{N}]?+\p{L}+ | \p{N}{1,3} | ?[^\s\p{L}\p{N}]++[\r\n]* |
+                  \s*[\r\n] | \s+(?!\S) | \s+
+                  Llama 3's pattern is written differently (quantifiers that are not possessive, \s*[\r\n]+) and ends
+                  every chunk at the same place: what could be given back never matches what follows
+    Qwen2         Llama 3's with \p{N} instead of \p{N}{1,3}: a digit is a chunk
+    GPT-2         's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+    SmolLM2       GPT-2's with \p{N} (a digit is a chunk) and \s+(?![^\s\p{N}]) (all the whitespace before a digit)
+The case-insensitive contractions match ASCII letters only (the regex engines would also fold a few exotic letters,
+e.g. U+017F into s).
 */
 static int chunk_end(const Tokenizer *t, const uint32_t *cp, int n, int i) {
 #define IS_L(c) in_class(t, CLASS_LETTER, c)
 #define IS_N(c) in_class(t, CLASS_NUMBER, c)
 #define IS_S(c) in_class(t, CLASS_SPACE, c)
 #define IS_NL(c) ((c) == '\r' || (c) == '\n')
-    if (cp[i] == '\'' && i + 1 < n) {
-        uint32_t a = cp[i + 1] < 128 ? (uint32_t)tolower((int)cp[i + 1]) : 0;
+    int gpt2 = t->split == SPLIT_GPT2 || t->split == SPLIT_SMOLLM2;
+    int max_digits = t->split == SPLIT_GPT4 ? 3 : t->split == SPLIT_GPT2 ? n : 1;
+    if (cp[i] == '\'' && i + 1 < n && cp[i + 1] < 128) {  // contractions (GPT-2: lower case only)
+        uint32_t a = gpt2 ? cp[i + 1] : (uint32_t)tolower((int)cp[i + 1]);
         if (a == 's' || a == 'd' || a == 'm' || a == 't') return i + 2;
         if (i + 2 < n && cp[i + 2] < 128) {
-            uint32_t b = (uint32_t)tolower((int)cp[i + 2]);
+            uint32_t b = gpt2 ? cp[i + 2] : (uint32_t)tolower((int)cp[i + 2]);
             if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return i + 3;
         }
     }
-    int j = i;
-    if (!IS_NL(cp[j]) && !IS_L(cp[j]) && !IS_N(cp[j])) j++;  // possessive: never given back
+    int j = i;  // letters, after one character that is not \r \n a letter or a digit (GPT-2: after a space)
+    if (gpt2 ? cp[i] == ' ' : !IS_NL(cp[i]) && !IS_L(cp[i]) && !IS_N(cp[i])) j++;  // possessive: never given back
     if (j < n && IS_L(cp[j])) {
         while (j < n && IS_L(cp[j])) j++;
         return j;
     }
-    if (IS_N(cp[i])) {
-        j = i;
-        while (j < n && j < i + 3 && IS_N(cp[j])) j++;
+    j = i + (t->split == SPLIT_GPT2 && cp[i] == ' ');  // digits (GPT-2: after a space, too)
+    if (j < n && IS_N(cp[j])) {
+        int start = j;
+        while (j < n && j - start < max_digits && IS_N(cp[j])) j++;
         return j;
     }
-    j = i + (cp[i] == ' ');
+    j = i + (cp[i] == ' ');  // other symbols after a space, and (GPT-4) the line breaks after them
     int k = j;
     while (k < n && !IS_S(cp[k]) && !IS_L(cp[k]) && !IS_N(cp[k])) k++;
     if (k > j) {
-        while (k < n && IS_NL(cp[k])) k++;
+        while (!gpt2 && k < n && IS_NL(cp[k])) k++;
         return k;
     }
     int end = i;
     while (end < n && IS_S(cp[end])) end++;  // the whitespace run [i, end)
-    for (int p = end - 1; p >= i; p--) if (IS_NL(cp[p])) return p + 1;  // \s*[\r\n]
-    if (end == n) return end;                                       // \s+(?!\S) at the end of the text
-    if (end - i >= 2) return end - 1;                               // \s+(?!\S): leave one space for the next word
-    return end > i ? end : i + 1;                                   // \s+
+    for (int p = end - 1; !gpt2 && p >= i; p--) if (IS_NL(cp[p])) return p + 1;  // \s*[\r\n]
+    if (end == n) return end;                                    // \s+(?!\S) at the end of the text
+    if (t->split == SPLIT_SMOLLM2 && IS_N(cp[end])) return end;  // \s+(?![^\s\p{N}]): all of it before a digit
+    if (end - i >= 2) return end - 1;                            // \s+(?!\S): leave one space for the next word
+    return end > i ? end : i + 1;                                // \s+
 #undef IS_L
 #undef IS_N
 #undef IS_S
@@ -827,11 +958,27 @@ static int bpe_chunk(const Tokenizer *t, const unsigned char *s, int n, int *out
         if (best > 0) ranks[best - 1] = lookup(t, s + starts[best - 1], starts[best + 1] - starts[best - 1]);
         if (best + 1 < parts) ranks[best] = lookup(t, s + starts[best], starts[best + 2] - starts[best]);
     }
-    for (int p = 0; p < parts; p++) {
-        out[p] = lookup(t, s + starts[p], starts[p + 1] - starts[p]);
-        if (out[p] < 0) fail("the tokenizer has no token for byte 0x%02x; it cannot encode this text", s[starts[p]]);
-    }
+    for (int p = 0; p < parts; p++) out[p] = lookup(t, s + starts[p], starts[p + 1] - starts[p]);  // (all tokens)
     return parts;
+}
+
+/*
+The tokens of one chunk. A byte that is no token of its own (SmolLM2's vocabulary has none for 0x04, 0xC0 and 19
+others) is left out and the rest of the chunk is merged as if it was not there, as tokenizer.py does after Hugging
+Face's BPE; with an unk token, that token stands for each run of such bytes instead, between the merged parts.
+*/
+static int encode_chunk(const Tokenizer *t, const unsigned char *s, int n, int *out, int *starts, int *ranks,
+                        unsigned char *kept) {
+    int n_out = 0, n_kept = 0;
+    for (int b = 0; b < n; b++) {
+        if (t->has_byte[s[b]]) { kept[n_kept++] = s[b]; continue; }
+        if (t->unk_id < 0 || (b > 0 && !t->has_byte[s[b - 1]])) continue;  // left out, or the run has its unk
+        if (n_kept) n_out += bpe_chunk(t, kept, n_kept, out + n_out, starts, ranks);
+        n_kept = 0;
+        out[n_out++] = t->unk_id;
+    }
+    if (n_kept) n_out += bpe_chunk(t, kept, n_kept, out + n_out, starts, ranks);
+    return n_out;
 }
 
 // text -> token ids (no <|bos|>); returns how many were written to *ids (malloc'd)
@@ -848,13 +995,14 @@ static int encode(const Tokenizer *t, const char *text, int **ids) {
     offsets[n] = n_bytes;
     *ids = xmalloc((n_bytes + 1) * sizeof(int));
     int *starts = xmalloc((n_bytes + 2) * sizeof(int)), *ranks = xmalloc((n_bytes + 1) * sizeof(int));
+    unsigned char *kept = xmalloc(n_bytes + 1);
     int n_ids = 0;
     for (int i = 0; i < n;) {
         int end = chunk_end(t, cp, n, i);
-        n_ids += bpe_chunk(t, s + offsets[i], offsets[end] - offsets[i], *ids + n_ids, starts, ranks);
+        n_ids += encode_chunk(t, s + offsets[i], offsets[end] - offsets[i], *ids + n_ids, starts, ranks, kept);
         i = end;
     }
-    free(cp); free(offsets); free(starts); free(ranks);
+    free(cp); free(offsets); free(starts); free(ranks); free(kept);
     return n_ids;
 }
 
@@ -1605,9 +1753,10 @@ Chat in the format of tokenizer.render_conversation, chosen by the special token
              ends at <|im_end|>; role header and content are encoded as one piece, as Hugging Face does
     Llama 3  <|begin_of_text|> <|start_header_id|>user<|end_header_id|>"\n\n" user<|eot_id|> ... ends at <|eot_id|>
 The first user message comes from -i (or stdin), the following ones from stdin; the conversation continues in the
-KV cache until end of input or the end of the context. A ChatML template's default system message (SmolLM2's,
-Qwen2.5's) is not in the tokenizer file: export.py prints it, pass it with -y. In our format the calculator
-answers the model's tool calls (see the calculator section above), as chat.py's does.
+KV cache until end of input or the end of the context. The system message is -y's, else the one the model's chat
+template adds when a conversation has none (SmolLM2's, Qwen2.5's: the tokenizer file carries it), as
+tokenizer.render_for_completion does. In our format the calculator answers the model's tool calls (see the
+calculator section above), as chat.py's does.
 */
 enum { FORMAT_OURS, FORMAT_CHATML, FORMAT_LLAMA3 };
 
@@ -1753,8 +1902,8 @@ static void chat(Transformer *tr, Tokenizer *tok, Sampler *sampler, const char *
         }
         if (turn == 0) {
             push(pending, &n_pending, tok->bos_id, pos, seq_len);
-            if (system_prompt && system_prompt[0])
-                push_turn(tok, &format, pending, &n_pending, "system", system_prompt, pos, seq_len);
+            const char *system = system_prompt && system_prompt[0] ? system_prompt : tok->default_system;
+            if (system[0]) push_turn(tok, &format, pending, &n_pending, "system", system, pos, seq_len);
         }
         push_turn(tok, &format, pending, &n_pending, "user", message, pos, seq_len);
         push_turn(tok, &format, pending, &n_pending, "assistant", NULL, pos, seq_len);
@@ -1874,27 +2023,21 @@ static void usage(void) {
             "  -s <int>    random seed, default time-based\n"
             "  -n <int>    new tokens to generate, default 256 (capped by the context); chat: per answer, 0 = no cap\n"
             "  -i <string> prompt (chat: the first user message)\n"
-            "  -f <string> read the prompt from this file\n"
+            "  -f <string> read the prompt from this file (a pipe or /dev/stdin too)\n"
             "  -m <string> mode: generate | chat | perplexity | encode (token ids of each line) |\n"
             "              calculator (the chat calculator's answer to each line), default generate\n"
-            "  -y <string> system prompt in chat mode\n"
+            "  -y <string> system prompt in chat mode, default the chat template's own (SmolLM2's, Qwen2.5's) if any\n"
             "  -v <int>    1: print the generated token ids at the end, default 0\n"
             "  -l <int>    1: print the logits the first generated token is drawn from, default 0\n"
             "  -b <int>    prompt tokens that go through the model together, default 64 (1: one at a time)\n");
     exit(1);
 }
 
+// the prompt of -f: a file, a pipe or /dev/stdin
 static char *read_text_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) fail("cannot open prompt file %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    if (size < 0) fail("cannot read %s", path);
-    char *text = xmalloc(size + 1);
-    if (fread(text, 1, size, f) != (size_t)size) fail("cannot read %s", path);
-    fclose(f);
-    if (memchr(text, 0, size)) fail("%s contains a NUL byte; expected text", path);
+    size_t size;
+    char *text = read_file(path, "prompt file", &size);
+    if (memchr(text, 0, size)) fail("prompt file %s contains a NUL byte; expected text", path);
     return text;
 }
 
@@ -1990,7 +2133,7 @@ int main(int argc, char *argv[]) {
 e^x for x <= 0, in plain arithmetic that the compiler vectorizes (libm's expf takes one value per call: at a vocabulary
 of 32000 the softmax of the sampler alone cost ~10% of a step). x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
 series to r^7 (truncation error < 1e-8, below float rounding), 2^k written into the exponent bits. Below -87 (where
-e^x is not a normal float) it returns 0.
+e^x is not a normal float) it returns 0; NaN stays NaN, as with expf (a NaN weight must reach the logits).
 */
 static inline float exp_nonpositive(float x) {
     float xc = x > -87.0f ? x : -87.0f;  // also maps NaN to -87, so the integer conversion below is defined
@@ -2001,7 +2144,7 @@ static inline float exp_nonpositive(float x) {
     int32_t bits = ((int32_t)k + 127) << 23;  // 2^k, k in [-126, 0]
     float two_k;
     memcpy(&two_k, &bits, 4);
-    return x < -87.0f ? 0.0f : p * two_k;
+    return x < -87.0f ? 0.0f : x == x ? p * two_k : x;
 }
 
 #if defined(__AVX2__)

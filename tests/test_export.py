@@ -1,8 +1,11 @@
 """
 export.py and run.c: the C program reproduces the PyTorch model (greedy tokens, logits, prompt encoding, chat
-format), int8 stays close to fp32, and broken files are refused cleanly (checked under AddressSanitizer).
+format), also with Llama 3.1's RoPE scaling, Qwen2's attention biases and real vocabularies' pre-splits and missing
+byte tokens; int8 stays close to fp32; broken files, directories and NaN weights are refused cleanly (checked under
+AddressSanitizer).
 """
 
+import inspect
 import json
 import math
 import os
@@ -10,7 +13,10 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,6 +24,9 @@ import torch
 
 from conftest import REPO, TINY_TRAIN, random_model, run_stage, sample_file
 from checkpoint import load_checkpoint, save_checkpoint
+from export import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN
+from model import ModelArgs, Transformer
+from tokenizer import GPT2_DIGITS_SPLIT_PATTERN, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, Tokenizer
 
 CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 HEADER_BYTES = 256
@@ -60,6 +69,12 @@ def tokens_line(stdout):
 def export(ckpt, out, *args):
     run_stage("export.py", f"--ckpt={ckpt}", f"--out={out}", *args)
     return out
+
+
+def save_model(model, tokenizer, path, data_format="text"):
+    save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": tokenizer.to_json(),
+                     "data_format": data_format}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +125,69 @@ def test_first_step_logits_match_pytorch(trained, run_binary, shakespeare_tokeni
         expected = random(torch.tensor([shakespeare_tokenizer.encode(prompt, bos=True)]))[0][0, -1]
     got = first_step_logits(run_binary, tmp_path / "random.bin", tmp_path / "random_tok.bin", prompt)
     assert (got - expected).abs().max() < 1e-4
+
+
+# tiny random models of the settings run.c runs beyond llama2.c's
+REAL_MODEL_SETTINGS = {
+    # Llama 3.2's RoPE scaling, with an original context of 64 so that at head_dim 16 one frequency is kept, one
+    # blended and six slowed down, and the ~100 positions below see the difference
+    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=8.0, rope_low_freq_factor=1.0,
+                                rope_high_freq_factor=4.0, rope_original_max_seq_len=64),
+    "qwen2_attention_biases": dict(rope_theta=1000000.0, attention_bias=True),  # random biases on q, k and v
+}
+
+
+@pytest.mark.parametrize("setting", list(REAL_MODEL_SETTINGS))
+def test_rope_scaling_and_attention_biases_match_pytorch(setting, run_binary, tmp_path):
+    """Llama 3.1+'s RoPE scaling and Qwen2's q/k/v biases: ./run's greedy tokens are PyTorch's (fp32) for 90 steps,
+    the prompt in blocks and one token at a time; int8 runs, its logits much closer to PyTorch's than those of the
+    same weights without the setting."""
+    tokenizer = Tokenizer.byte_level()
+    model = random_model(vocab_size=300, max_seq_len=128, **REAL_MODEL_SETTINGS[setting])
+    without = Transformer(ModelArgs(**{**asdict(model.args), "rope_scaling": 0.0, "attention_bias": False}))
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".bias")})
+    ckpt = save_model(model, tokenizer, tmp_path / "model.pt")
+    fp32 = export(ckpt, tmp_path / "model.bin", f"--tokenizer_out={tmp_path / 'tokenizer.bin'}")
+    int8 = export(ckpt, tmp_path / "model_q8.bin", "--tokenizer_out=", "--quantize=int8")
+    prompt = "Once upon a time, in a land far away"
+    ids = tokenizer.encode(prompt, bos=True)
+    with torch.no_grad():
+        expected_logits = model(torch.tensor([ids]))[0][0, -1]
+        effect = (expected_logits - without(torch.tensor([ids]))[0][0, -1]).abs().max().item()
+    assert effect > 0.5  # the setting changes the model at these positions
+    expected = [tokens[0] for tokens, _ in model.generate(ids, 90, temperature=0)]
+    for block in (1, 64):
+        c = run_c(run_binary, fp32, "-z", tmp_path / "tokenizer.bin", "-t", 0, "-n", 90, "-v", 1, "-l", 1,
+                  "-b", block, "-i", prompt)
+        assert tokens_line(c.stdout) == expected and len(expected) == 90, block
+        logits = torch.tensor([float(v) for v in re.search(r"^logits:(.*)$", c.stdout, re.M).group(1).split()])
+        assert (logits - expected_logits).abs().max() < 1e-4, block
+    c = run_c(run_binary, int8, "-z", tmp_path / "tokenizer.bin", "-t", 0, "-n", 90, "-v", 1, "-l", 1, "-i", prompt)
+    logits = torch.tensor([float(v) for v in re.search(r"^logits:(.*)$", c.stdout, re.M).group(1).split()])
+    assert (logits - expected_logits).abs().max() < min(0.2, effect / 4) and len(tokens_line(c.stdout)) == 90
+
+
+def test_non_finite_weights_are_refused(run_binary, tmp_path):
+    """A NaN weight: export.py refuses it naming the tensor; a model file holding one anyway (written by other
+    means) makes ./run stop with a message instead of printing garbage, in the prompt's blocks and token by token."""
+    tokenizer = Tokenizer.byte_level()
+    model = random_model(vocab_size=300)
+    with torch.no_grad():
+        model.layers[1].attention.wk.weight[3, 5] = float("nan")
+    ckpt = save_model(model, tokenizer, tmp_path / "nan.pt")
+    for fmt in ("run", "safetensors"):
+        result = run_stage("export.py", f"--ckpt={ckpt}", f"--format={fmt}", f"--out={tmp_path / 'nan.out'}",
+                           "--tokenizer_out=", check=False)
+        assert result.returncode == 1 and "layers.1.attention.wk.weight has 1 of its" in result.stderr, result.stderr
+        assert not (tmp_path / "nan.out").exists()
+    from export import write_model, write_tokenizer
+    write_tokenizer(tokenizer, tmp_path / "tokenizer.bin")
+    for weight_type, group in ((0, 0), (1, 64)):
+        write_model(model, tokenizer, tmp_path / "nan.bin", weight_type, group)
+        for block in (1, 64):
+            result = run_c(run_binary, tmp_path / "nan.bin", "-z", tmp_path / "tokenizer.bin", "-t", 0, "-n", 8,
+                           "-b", block, "-i", "Hello", check=False)
+            assert result.returncode == 1 and "not finite" in result.stderr, (weight_type, block, result.stderr)
 
 
 def c_perplexity(binary, model_file, tokenizer_file, text_file):
@@ -173,6 +251,106 @@ def test_prompt_encoding_matches_tiktoken(trained, run_binary, tmp_path):
     c_ids = [[int(t) for t in row.split()] for row in c.stdout.split("\n")[:len(lines)]]
     mismatches = [line for line, ids in zip(lines, c_ids) if ids != tokenizer.encode(line)]
     assert not mismatches, f"{len(mismatches)} lines encode differently, e.g. {mismatches[:3]}"
+
+
+# the pre-split patterns run.c writes out by hand
+SPLIT_PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "llama3": LLAMA3_SPLIT_PATTERN, "qwen2": QWEN2_SPLIT_PATTERN,
+                  "gpt2": GPT2_SPLIT_PATTERN, "smollm2": GPT2_DIGITS_SPLIT_PATTERN}
+SPLIT_CASES = ["year 1999 had  123 people,   and 4,567 items!!\n", "  spaces   \r\r  x 12 \t\t9 \n", " 5 apples\n",
+               "a  5\n", "tab\t\t1 2  3\n", "I'M HE'S you'RE 'tis we'Ve\n", "end.\r\r  \r\n", "x²³ ½ ٣٤ Ⅻ\n"]  # (a line each)
+
+
+def c_encode(binary, model_file, tokenizer_file, lines, folder):
+    """run.c's ids of each line (each ends with a newline)."""
+    text_file = folder / "lines.txt"
+    text_file.write_text("".join(lines), encoding="utf-8", newline="")
+    c = run_c(binary, model_file, "-z", tokenizer_file, "-m", "encode", "-f", text_file)
+    return [[int(t) for t in row.split()] for row in c.stdout.split("\n")[:len(lines)]]
+
+
+def exported_for(tokenizer, folder, **settings):
+    """A tiny random model with this tokenizer, through export.py: (model, model file, tokenizer file)."""
+    model = random_model(vocab_size=tokenizer.vocab_size, max_seq_len=128, **settings)
+    ckpt = save_model(model, tokenizer, folder / "model.pt", data_format="chat")
+    export(ckpt, folder / "model.bin", f"--tokenizer_out={folder / 'tokenizer.bin'}")
+    return model, folder / "model.bin", folder / "tokenizer.bin"
+
+
+@pytest.mark.parametrize("split", list(SPLIT_PATTERNS))
+def test_pre_splits_encode_as_tokenizer_py(split, run_binary, tmp_path):
+    """GPT-4's, Llama 3's, Qwen2's, GPT-2's and SmolLM2's pre-splits in run.c cut ~1,000 real lines (code,
+    non-ASCII) and the cases where the patterns differ (digits, spaces before them, line breaks, contractions) where
+    tokenizer.py's regex does: the same ids. The vocabulary is the lines' most frequent byte pairs and triples,
+    whose tokens cross every boundary a pattern could draw, so that a chunk cut elsewhere encodes differently (with
+    another pattern's split, 200-750 of the lines would)."""
+    lines = [line + "\n" for line in real_lines()] + SPLIT_CASES
+    data = "".join(lines).encode("utf-8")
+    grams = (Counter(data[i:i + 2] for i in range(len(data) - 1)).most_common(1500) +
+             Counter(data[i:i + 3] for i in range(len(data) - 2)).most_common(1000))
+    ranks = {token: rank for rank, token in enumerate([bytes([b]) for b in range(256)] + [g for g, _ in grams])}
+    specials = {name: len(ranks) + i for i, name in enumerate(Tokenizer.byte_level().special_tokens)}
+    tokenizer = Tokenizer(ranks, SPLIT_PATTERNS[split], specials)
+    _, model_file, tokenizer_file = exported_for(tokenizer, tmp_path)
+    got = c_encode(run_binary, model_file, tokenizer_file, lines, tmp_path)
+    mismatches = [line for line, ids in zip(lines, got) if ids != tokenizer.encode(line)]
+    assert not mismatches, f"{len(mismatches)} lines encode differently, e.g. {mismatches[:3]}"
+
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# bytes SmolLM2's vocabulary has no token for, as control characters and as the lead byte of U+40000.. U+7FFFF
+MISSING_BYTES = [4, 6, 19, 20, 22, 29, 0xC0, 0xC1, 0xF1, 0xFF]
+UNENCODABLE = ["\x04", "\x06", "\x13", "\x14", "\x16", "\x1d", "\U00040000", "\U0005ABCD"]
+
+
+def smollm2_like(ours, missing_bytes=(), **settings):
+    """A ChatML tokenizer shaped like SmolLM2's: our merges re-numbered without the single bytes in missing_bytes
+    (ids close up, as in a real vocabulary), SmolLM2's pre-split, <|endoftext|> first, its default system message."""
+    ranks = [token for token, _ in sorted(ours.mergeable_ranks.items(), key=lambda kv: kv[1])]
+    assert not any(b in token for token in ranks if len(token) > 1 for b in missing_bytes)  # nothing merges them
+    kept = [token for token in ranks if not (len(token) == 1 and token[0] in missing_bytes)]
+    specials = {name: i for i, name in enumerate(CHATML_SPECIALS)}  # ids 0.., as SmolLM2 has them
+    return Tokenizer({token: len(specials) + i for i, token in enumerate(kept)}, GPT2_DIGITS_SPLIT_PATTERN, specials,
+                     name="smollm2-like", chat_format="chatml", bos_token="<|endoftext|>",
+                     default_system=SMOLLM2_SYSTEM, **settings)
+
+
+@pytest.mark.parametrize("unk_token", ["", "<|endoftext|>"])
+def test_bytes_without_a_token_encode_as_tokenizer_py(unk_token, trained, run_binary, tmp_path):
+    """A vocabulary without some single-byte tokens (SmolLM2's lacks 21): run.c encodes real lines with such bytes
+    put in as tokenizer.py does, leaving a byte out of its piece and merging the rest, or putting the unk token in
+    place of each run of them."""
+    if "unk_token" not in inspect.signature(Tokenizer).parameters:
+        pytest.skip("tokenizer.py here cannot encode bytes that have no token (Tokenizer's unk_token, missing_bytes)")
+    tokenizer = smollm2_like(load_checkpoint(str(trained["ckpt"]))[1], MISSING_BYTES, unk_token=unk_token)
+    assert sorted(tokenizer.missing_bytes) == MISSING_BYTES
+    _, model_file, tokenizer_file = exported_for(tokenizer, tmp_path)
+    lines = real_lines()
+    plain = [line for line in lines if line.isascii()][:400] + [line for line in lines if not line.isascii()][:100]
+    spoiled = [line[:i % 9] + UNENCODABLE[i % 8] * (1 + i % 3) + line[i % 9:] for i, line in enumerate(plain[::2])]
+    lines = [line + "\n" for line in plain + spoiled + [".\x04.", "\x06abc", "12\x1434", "\x04", "a \x13\x16 b"]]
+    got = c_encode(run_binary, model_file, tokenizer_file, lines, tmp_path)
+    mismatches = [line for line, ids in zip(lines, got) if ids != tokenizer.encode(line)]
+    assert not mismatches, f"{len(mismatches)} of {len(lines)} lines encode differently, e.g. {mismatches[:3]}"
+    left_out, dots, dot = c_encode(run_binary, model_file, tokenizer_file, [".\x04\x06.\n", "..\n", ".\n"], tmp_path)
+    unk = [tokenizer.special(unk_token)] if unk_token else []
+    assert left_out == (dot[:-1] + unk + dot if unk_token else dots)
+
+
+def test_chat_opens_with_the_templates_default_system_message(trained, run_binary, tmp_path):
+    """SmolLM2's chat template opens a conversation that has no system message with its own; the tokenizer file
+    carries it, and ./run -m chat without -y replies as PyTorch does to tokenizer.py's rendering (-y replaces it)."""
+    tokenizer = smollm2_like(load_checkpoint(str(trained["ckpt"]))[1])
+    model, model_file, tokenizer_file = exported_for(tokenizer, tmp_path)
+    end = tokenizer.special("<|im_end|>")
+    for system in ([], [{"role": "system", "content": "Speak in verse."}]):
+        prompt = tokenizer.render_for_completion(system + [{"role": "user", "content": "Who is there?"}])
+        assert (SMOLLM2_SYSTEM in tokenizer.decode(prompt)) == (not system)
+        expected = [t[0] for t, _ in model.generate(prompt, 20, temperature=0, stop_tokens=[end])]
+        system_flag = ["-y", system[0]["content"]] if system else []
+        c = run_c(run_binary, model_file, "-z", tokenizer_file, "-m", "chat", "-t", 0, "-n", 20, "-v", 1, *system_flag,
+                  "-i", "Who is there?")
+        assert tokens_line(c.stdout) == [t for t in expected if t != end] and len(expected) >= 5
 
 
 def test_chat_mode_uses_the_chat_format(trained, run_binary):
@@ -368,19 +546,24 @@ def test_bad_files_are_refused_cleanly(trained, debug_binary, tmp_path):
     case("model_longer", model_bytes + b"\0" * 64, tok_bytes, True)
     for cut in sorted({0, 4, 40, 63, 64, 100, len(tok_bytes) // 3, len(tok_bytes) // 2, len(tok_bytes) - 1}):
         case(f"tok_cut{cut}", model_bytes, tok_bytes[:cut], True)
-    # flipped header bytes: seq_len, rope_theta and norm_eps (32..43) may take other valid values, the padding
-    # (72..255) is unused; every other field must be refused
-    for offset in range(0, 80):
+    # flipped header bytes: seq_len, rope_theta and norm_eps (32..43) may take other valid values, the RoPE scaling
+    # factors (80..91) are unused without scaling, the padding (92..255) is unused; every other field must be refused
+    for offset in range(0, 96):
         flipped = bytearray(model_bytes)
         flipped[offset] ^= 0xFF
-        case(f"model_flip{offset}", bytes(flipped), tok_bytes, not 32 <= offset < 44 and offset < 72)
-    for offset in range(0, 48):
+        case(f"model_flip{offset}", bytes(flipped), tok_bytes, not 32 <= offset < 44 and offset < 80)
+    # the tokenizer header: n_special (16..19) is not used, max_token_bytes and the class table sizes (20..23,
+    # 32..43) may take other values that still fit, the padding (56..63) is unused
+    for offset in range(0, 64):
         flipped = bytearray(tok_bytes)
         flipped[offset] ^= 0xFF
-        case(f"tok_flip{offset}", model_bytes, bytes(flipped), offset < 16 or 24 <= offset < 32)
-    version_2 = bytearray(model_bytes)
-    version_2[4:8] = struct.pack("<i", 2)
-    case("model_version2", bytes(version_2), tok_bytes, True)
+        case(f"tok_flip{offset}", model_bytes, bytes(flipped), offset < 16 or 24 <= offset < 32 or 44 <= offset < 56)
+    version_3 = bytearray(model_bytes)
+    version_3[4:8] = struct.pack("<i", 3)
+    case("model_version3", bytes(version_3), tok_bytes, True)
+    tok_version_3 = bytearray(tok_bytes)
+    tok_version_3[4:8] = struct.pack("<i", 3)
+    case("tok_version3", model_bytes, bytes(tok_version_3), True)
     case("model_is_tokenizer", tok_bytes, tok_bytes, True)
     case("tok_is_model", model_bytes, model_bytes[:5000], True)
 
@@ -399,6 +582,39 @@ def test_bad_files_are_refused_cleanly(trained, debug_binary, tmp_path):
     assert refused(missing) and "nothing.bin" in missing.stderr
     truncated = dict((r[0][0], r[1]) for r in results)["model_cut1000"]
     assert "truncated" in truncated.stderr
+
+
+def test_version_1_files_still_run(trained, run_binary, tmp_path):
+    """Files written before version 2 (no attention biases or RoPE scaling; GPT-4's pre-split, every byte a token,
+    no default system message) run as the same files in version 2 do."""
+    model_v1, tok_v1 = bytearray(trained["fp32"].read_bytes()), bytearray(trained["tok"].read_bytes())
+    assert model_v1[72:92] == bytes(20) and tok_v1[44:56] == struct.pack("<3i", 0, -1, 0)
+    model_v1[4:8] = tok_v1[4:8] = struct.pack("<i", 1)
+    tok_v1[44:56] = bytes(12)  # (zero padding in version 1)
+    (tmp_path / "v1.bin").write_bytes(model_v1)
+    (tmp_path / "v1.tok").write_bytes(tok_v1)
+    args = ["-t", 0, "-n", 40, "-v", 1, "-i", "ROMEO:"]
+    v1 = tokens_line(run_c(run_binary, tmp_path / "v1.bin", "-z", tmp_path / "v1.tok", *args).stdout)
+    assert v1 == tokens_line(run_c(run_binary, trained["fp32"], "-z", trained["tok"], *args).stdout)
+
+
+def test_prompt_from_a_pipe_and_directories_refused(trained, debug_binary, tmp_path):
+    """-f reads a pipe or /dev/stdin (the same tokens as -i), -z too; a directory as the prompt, tokenizer or model
+    file is refused with a message (it was a signed overflow under UBSan and an attempt to allocate 2^63 bytes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASAN_OPTIONS": "detect_leaks=0"}
+    args = [str(debug_binary), str(trained["fp32"]), "-z", str(trained["tok"]), "-t", "0", "-n", "24", "-v", "1"]
+    expected = tokens_line(run_c(debug_binary, *args[1:], "-i", "ROMEO:").stdout)
+    piped = subprocess.run(args + ["-f", "/dev/stdin"], input=b"ROMEO:", capture_output=True, env=env, timeout=60)
+    assert piped.returncode == 0 and tokens_line(piped.stdout.decode()) == expected, piped.stderr.decode()[-1000:]
+    args[3] = "/dev/stdin"  # the tokenizer from a pipe
+    piped = subprocess.run(args + ["-i", "ROMEO:"], input=trained["tok"].read_bytes(), capture_output=True, env=env,
+                           timeout=60)
+    assert piped.returncode == 0 and tokens_line(piped.stdout.decode()) == expected, piped.stderr.decode()[-1000:]
+    for flag_args in (["-f", tmp_path], ["-z", tmp_path]):
+        result = run_c(debug_binary, trained["fp32"], "-z", trained["tok"], *flag_args, check=False)
+        assert refused(result) and f"{tmp_path} is a directory" in result.stderr, (flag_args, result.stderr)
+    result = run_c(debug_binary, tmp_path, "-z", trained["tok"], "-i", "Hi", check=False)
+    assert refused(result) and f"{tmp_path} is a directory" in result.stderr, result.stderr
 
 
 def test_tokenizer_of_another_model_is_refused(trained, debug_binary, tmp_path):

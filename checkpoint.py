@@ -50,8 +50,8 @@ class RecordingFile:
             self.error = e
             raise
 
-    def flush(self):
-        self.f.flush()
+    def __getattr__(self, name):  # everything else (tell, seek, read: zipfile needs them) is the file's own
+        return getattr(self.f, name)
 
 
 def write_atomically(path, write):

@@ -27,7 +27,7 @@ import signal
 import threading
 import warnings
 
-import torch
+# no torch import here: run_numpy.py uses the calculator and TextDecoder on machines without torch
 
 # -----------------------------------------------------------------------------------------------------
 # the calculator
@@ -203,7 +203,7 @@ def check_logits(module, inputs, output):
     """A forward hook: NonFiniteLogitsError when the next-token logits hold NaN or infinity."""
     logits = output[0][:, -1]  # (B, vocab_size)
     # the largest logit of a row is NaN when any logit is, and infinite when one is +inf or all are -inf
-    if not torch.isfinite(logits.max(dim=-1).values).all():
+    if not logits.max(dim=-1).values.isfinite().all():
         raise NonFiniteLogitsError("the model's output is not finite (NaN or infinity): its weights are broken or "
                                    "this input overflows its number format; nothing sensible can be sampled")
 
@@ -236,8 +236,7 @@ def check_weights(model, source):
     for name, tensor in model.state_dict().items():
         # a quick test first: a sum is NaN or infinite when a term is (20 times faster on a CPU than
         # isfinite(tensor).all(), which confirms it: finite weights of 10**28 and more could overflow the sum)
-        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float32)) and \
-                not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not tensor.float().sum().isfinite() and not tensor.isfinite().all():
             raise ValueError(f"{source}: weight {name} holds NaN or infinite values, so the model cannot generate "
                              "(did its training diverge?); use an earlier checkpoint")
 

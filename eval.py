@@ -404,8 +404,13 @@ def fewshot_contexts(task, records, pool, k, seed, same_split):
 
 
 def prompt_ids(tokenizer, text):
-    """A base model's prompt as token ids: <|bos|> first, as our models see it at the start of every document."""
-    return tokenizer.encode(text, bos=True)
+    """
+    A base model's prompt as token ids, with the token lm-evaluation-harness's tokenizer puts first: <|bos|> for
+    ours (our models see it at the start of every document); for an imported model what its tokenizer files say
+    (tokenizer.scoring_bos_id: SmolLM2's and Qwen2.5's put nothing, Llama 3's <|begin_of_text|>).
+    """
+    start = [] if tokenizer.scoring_bos_id is None else [tokenizer.scoring_bos_id]
+    return start + tokenizer.encode(text)
 
 
 def encode_pair(tokenizer, context, continuation):

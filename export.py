@@ -77,12 +77,12 @@ The tokenizer file (tokenizer.bin):
     Version 1 is version 2 with GPT-4's split, every byte a token and no default system message.
 """
 
-import hashlib
 import json
 import os
 import shlex
 import struct
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import regex

@@ -234,8 +234,8 @@ def real_lines(n_per_source=250):
     lines += [line for r in alpaca for line in r["output"].splitlines() if line.strip()][:n_per_source]
     lima = json.loads(sample_file("lima/lima.json").read_text(encoding="utf-8"))
     lima_lines = [line for r in lima for line in (r["instruction"] + "\n" + r["output"]).splitlines() if line.strip()]
-    lines += [line for line in lima_lines if not line.isascii()][:n_per_source // 2]
-    lines += [line for line in lima_lines if line.isascii()][:n_per_source // 2]
+    non_ascii = [line for line in lima_lines if not line.isascii()][:n_per_source // 2]
+    lines += non_ascii + [line for line in lima_lines if line.isascii()][:n_per_source - len(non_ascii)]
     return lines
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_stage, read_log, shared_file
+from conftest import run_stage, read_log, sample_file
 from test_hf import CHATML_SPECIALS, CONVERSATION, hf_logits, our_logits, real_lines
 
 gguf = pytest.importorskip("gguf", reason="the GGUF tests need the gguf package (.ci/run installs it)")
@@ -92,7 +92,7 @@ def train_tokenizer(pre, vocab_size=700):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()
-    text = shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:4000]
+    text = sample_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:4000]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHATML_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text, trainer)
@@ -228,7 +228,7 @@ def test_gguf_model_gives_the_logits_of_transformers(tmp_path, arch, smollm_toke
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
     assert model.args.attention_bias == (arch == "qwen2") and model.args.tie_embeddings == (arch == "qwen2")
-    ids = tokenizer.encode(shared_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:3000])[:200]
+    ids = tokenizer.encode(sample_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:3000])[:200]
     expected = hf_logits(reference, ids)
     assert expected.abs().max() > 1.0  # logits big enough that 1e-4 means something
     assert (expected - our_logits(model, ids)).abs().max().item() < 1e-4

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_stage, shared_file
+from conftest import REPO, run_stage, sample_file
 
 transformers = pytest.importorskip("transformers", reason="the real-model tier needs transformers (.ci/run installs it)")
 for needed in ("gguf", "accelerate"):  # transformers reads GGUF files with them
@@ -122,9 +122,9 @@ def logits(model, ids):
 
 def real_text_lines(n, seed=0):
     """Real English from three sources, and the same lines with the control characters SmolLM2 cannot encode."""
-    stories = shared_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8").splitlines()
-    wiki = shared_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines()
-    alpaca = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
+    stories = sample_file("tinystories/tinystories_val.txt").read_text(encoding="utf-8").splitlines()
+    wiki = sample_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines()
+    alpaca = json.loads(sample_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
     keep = lambda lines: [line for line in lines if line.strip() and "<|endoftext|>" not in line]
     lines = keep(stories)[:n // 3] + keep(wiki)[:n // 3] + [r["instruction"] + "\n" + r["output"] for r in alpaca[:n // 3]]
     rng = random.Random(seed)
@@ -144,7 +144,7 @@ def test_gguf_and_hf_folder_load_with_the_logits_of_transformers(from_gguf, from
     # the GGUF dequantized by us is transformers' dequantization of it, exactly
     ours, theirs = model.state_dict(), hf_model.state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
-    text = shared_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:4000]
+    text = sample_file("wikitext-2/valid.txt").read_text(encoding="utf-8")[:4000]
     ids = tokenizer.encode(text)[:256]
     expected = logits(reference[0], ids)
     assert expected.abs().max() > 10
@@ -208,7 +208,7 @@ def test_twenty_chat_prompts_greedy_equal_transformers(from_gguf, reference):
 
 
 def openbookqa_questions(n):
-    records = [json.loads(line) for line in shared_file("openbookqa/dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in sample_file("openbookqa/dev.jsonl").read_text(encoding="utf-8").splitlines()]
     return [(r["question"]["stem"], [c["text"] for c in r["question"]["choices"]]) for r in records[:n]]
 
 
@@ -251,7 +251,7 @@ def test_lora_step_on_the_real_model_lowers_the_loss(from_hf):
     """LoRA adapters on the HF folder's model: one step on two real instructions lowers their loss."""
     model, tokenizer, _ = from_hf
     model = apply_lora(copy.deepcopy(model), rank=8, alpha=16, dropout=0.0, targets="q,v")
-    alpaca = json.loads(shared_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))[:2]
+    alpaca = json.loads(sample_file("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))[:2]
     rows = [tokenizer.render_conversation([{"role": "user", "content": r["instruction"]},
                                            {"role": "assistant", "content": r["output"]}], max_tokens=96)
             for r in alpaca]

@@ -12,7 +12,9 @@ from conftest import REPO, TINY_TRAIN, alpaca_conversations, prepare_chat_source
 from checkpoint import load_checkpoint
 from model import LoRALinear, apply_lora, merge_lora
 
-SFT = [a for a in TINY_TRAIN if not a.startswith("--data=")] + ["--block_size=128"]
+# fine-tuning keeps the base checkpoint's shape: only the training settings of TINY_TRAIN
+SHAPE = ("--data=", "--dim=", "--n_layers=", "--n_heads=", "--n_kv_heads=")
+SFT = [a for a in TINY_TRAIN if not a.startswith(SHAPE)] + ["--block_size=128"]
 
 
 # Eight questions, each with a training answer and a validation answer that differs in one detail. Training on the

@@ -3,8 +3,8 @@ Tokens per second of run.c at llama2.c's model shapes and SmolLM2-135M's, float3
 generation, and the time to first token for prompts of 32, 200 and 1000 tokens (beside the Python engine's).
 
     python bench/run_c.py                          # stories15M, 42M and 110M shapes, and SmolLM2-135M's
-    python bench/run_c.py --shapes 15M --threads 2 --steps 128
-    python bench/run_c.py --shapes SmolLM2 --threads 2 --prompts 200 --python False
+    python bench/run_c.py --shapes=15M --threads=2 --steps=128
+    python bench/run_c.py --shapes=SmolLM2 --threads=2 --prompts=200 --python_engine=False
 
 Random weights (the speed does not depend on their values). Every run samples with -p 1.0, because top-p over
 the near-flat logits of a random model would measure the sampler rather than the model; one extra run per
@@ -27,7 +27,6 @@ PyTorch on as many threads) is measured on the same model and prompt. Every mode
 the 1000-token prompt fits (the context length changes nothing else).
 """
 
-import argparse
 import os
 import platform
 import re
@@ -42,6 +41,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from export import choose_group_size, write_model, write_tokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from configurator import configure  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+shapes = "15M,42M,110M,SmolLM2"  # comma-separated: 15M, 42M, 110M, SmolLM2
+threads = "1,2"  # comma-separated thread counts
+steps = 256  # new tokens per run (-n)
+repeats = 3  # runs per figure; the best is reported
+dtypes = "fp32,int8"  # comma-separated: fp32, int8
+prompts = "32,200,1000"  # prompt lengths for the time to first token ('' = none)
+python_engine = True  # also time the Python engine's first token (engine.generate, float32)
+# -----------------------------------------------------------------------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # llama2.c's TinyStories models
@@ -157,20 +167,11 @@ def layer_weights(shape):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="15M,42M,110M,SmolLM2", help="comma-separated: 15M, 42M, 110M, SmolLM2")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--steps", type=int, default=256, help="new tokens per run (-n)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported")
-    parser.add_argument("--dtypes", default="fp32,int8")
-    parser.add_argument("--prompts", default="32,200,1000", help="prompt lengths for the time to first token ('' = none)")
-    parser.add_argument("--python", default="True", help="also time the Python engine's first token (True/False)")
-    args = parser.parse_args()
-    prompt_lengths = [int(n) for n in args.prompts.split(",") if n.strip()]
-    shapes = [s.strip() for s in args.shapes.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; -t 1.0 -p 1.0 -n {args.steps}, best of {args.repeats}")
+    prompt_lengths = [int(n) for n in str(prompts).split(",") if n.strip()]
+    shape_list = [s.strip() for s in shapes.split(",")]
+    thread_counts = [int(t) for t in str(threads).split(",")]
+    dtype_list = [d.strip() for d in dtypes.split(",")]
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; -t 1.0 -p 1.0 -n {steps}, best of {repeats}")
     tokenizer = Tokenizer.byte_level()
     rows, first_token_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,10 +180,10 @@ def main():
         build(probe, os.path.join("bench", "read_bandwidth.c"))
         tokenizer_path = os.path.join(tmp, "tokenizer.bin")
         write_tokenizer(tokenizer, tokenizer_path)
-        prompts = {n: prompt_file(tmp, n) for n in prompt_lengths}
-        for shape in shapes:
+        prompt_files = {n: prompt_file(tmp, n) for n in prompt_lengths}
+        for shape in shape_list:
             model = random_model(SHAPES[shape])
-            for dtype in dtypes:
+            for dtype in dtype_list:
                 path = os.path.join(tmp, f"{shape}_{dtype}.bin")
                 t0 = time.time()
                 group = choose_group_size(model.args, 64) if dtype == "int8" else 0
@@ -190,53 +191,53 @@ def main():
                 print(f"{shape} {dtype}: {size / 1e6:.0f} MB file, written in {time.time() - t0:.1f}s", flush=True)
                 drop_from_page_cache(path)
                 tokens_per_second(binary, path, tokenizer_path, 1, 4, 1.0)  # read it from disk once
-                for n_threads in threads:
+                for n_threads in thread_counts:
                     tps, bandwidth = 0.0, 0.0
-                    for _ in range(args.repeats):  # alternating, so both see the same minutes of the host
+                    for _ in range(repeats):  # alternating, so both see the same minutes of the host
                         bandwidth = max(bandwidth, read_bandwidth(probe, size, n_threads))
-                        tps = max(tps, tokens_per_second(binary, path, tokenizer_path, n_threads, args.steps, 1.0))
+                        tps = max(tps, tokens_per_second(binary, path, tokenizer_path, n_threads, steps, 1.0))
                     ceiling = bandwidth * 1e9 / size  # tok/s if every weight byte came at the streaming speed
                     reference = LLAMA2C[dtype].get(shape) if n_threads == 2 else None
                     rows.append((shape, dtype, n_threads, tps, reference, tps / ceiling))
-                    ref_text = f"   llama2.c {reference} tok/s: {tps / reference:.2f}x" if reference else ""
+                    ref_text = f"   {tps / reference:.2f}x llama2.c's {reference} tok/s (quoted, not measured here)" if reference else ""
                     print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}: {tps:8.1f} tok/s   "
                           f"{100 * tps / ceiling:3.0f}% of the {bandwidth:.0f} GB/s ceiling ({ceiling:.0f} tok/s)"
                           f"{ref_text}", flush=True)
                 # the sampler's share of the time, timed inside run.c: tok/s with and without top-p differ by
                 # less than the run-to-run noise of the memory bandwidth, so their ratio is no measure
-                n_threads = max(threads)
-                full = [run_c(binary, path, tokenizer_path, n_threads, args.steps, 1.0) for _ in range(args.repeats)]
-                nucleus = [run_c(binary, path, tokenizer_path, n_threads, args.steps, 0.9)
-                           for _ in range(args.repeats)]
-                print(f"  sampling ({n_threads} threads, median of {args.repeats}): "
+                n_threads = max(thread_counts)
+                full = [run_c(binary, path, tokenizer_path, n_threads, steps, 1.0) for _ in range(repeats)]
+                nucleus = [run_c(binary, path, tokenizer_path, n_threads, steps, 0.9)
+                           for _ in range(repeats)]
+                print(f"  sampling ({n_threads} threads, median of {repeats}): "
                       f"{sorted(r[1] for r in full)[len(full) // 2]:.1f}% of the time at -p 1.0, "
                       f"{sorted(r[1] for r in nucleus)[len(nucleus) // 2]:.1f}% at -p 0.9 "
                       f"({max(r[0] for r in nucleus):.1f} tok/s)", flush=True)
-                for n_threads in threads:
-                    for n_tokens, prompt_path in prompts.items():
+                for n_threads in thread_counts:
+                    for n_tokens, prompt_path in prompt_files.items():
                         ttft = min(time_to_first_token(binary, path, tokenizer_path, n_threads, prompt_path)
-                                   for _ in range(args.repeats))
+                                   for _ in range(repeats))
                         gflops = 2 * layer_weights(SHAPES[shape]) * n_tokens / ttft / 1e9
                         first_token_rows.append((shape, dtype, n_threads, n_tokens, ttft))
                         print(f"  {n_threads} thread{'s' if n_threads > 1 else ' '}, {n_tokens:4d}-token prompt: first "
                               f"token after {ttft:7.3f} s ({n_tokens / ttft:7.1f} prompt tok/s, {gflops:5.1f} GFLOP/s)",
                               flush=True)
                 os.remove(path)
-            if args.python == "True":
-                n_threads = max(threads)
+            if python_engine:
+                n_threads = max(thread_counts)
                 for n_tokens in prompt_lengths:
-                    ttft = python_time_to_first_token(model, tokenizer, n_tokens, n_threads, args.repeats)
+                    ttft = python_time_to_first_token(model, tokenizer, n_tokens, n_threads, repeats)
                     first_token_rows.append((shape, "python fp32", n_threads, n_tokens, ttft))
                     print(f"  Python engine, fp32, {n_threads} threads, {n_tokens:4d}-token prompt: first token after "
                           f"{ttft:7.3f} s ({n_tokens / ttft:7.1f} prompt tok/s)", flush=True)
             del model
     print("\ngeneration\n  shape  dtype  threads     tok/s   of ceiling   vs llama2.c")
     for shape, dtype, n_threads, tps, reference, share in rows:
-        ratio = f"{tps / reference:.2f}x of {reference}" if reference else ""
+        ratio = f"{tps / reference:.2f}x of {reference} (quoted)" if reference else ""
         print(f"{shape:>7}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {100 * share:9.0f}%   {ratio}")
     if first_token_rows:
         print("\ntime to first token, seconds (prompt tok/s)")
-        print(f"  shape        dtype  threads  " + "  ".join(f"{n:>17}" for n in prompt_lengths))
+        print("  shape        dtype  threads  " + "  ".join(f"{n:>17}" for n in prompt_lengths))
         keys = sorted({r[:3] for r in first_token_rows}, key=lambda k: [r[:3] for r in first_token_rows].index(k))
         for key in keys:
             cells = {r[3]: r[4] for r in first_token_rows if r[:3] == key}
@@ -245,4 +246,5 @@ def main():
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import REPO
 
-ARGPARSE_SCRIPTS = {"bench/run_c.py"}  # still argparse (converted later): its own --help is accepted for now
 NO_SETTINGS = {"report.py"}  # one argument, the run folder, and no settings
 
 
@@ -88,9 +87,6 @@ def test_every_script_is_found():
 def test_help_lists_every_setting_with_its_default(script, help_outputs):
     result = help_outputs[script]
     assert result.returncode == 0, f"{script} --help failed:\n{result.stderr[-3000:]}"
-    if script in ARGPARSE_SCRIPTS:
-        assert result.stdout.startswith("usage:")
-        return
     settings = header_settings(script)
     assert settings, f"{script}: no settings found in its header"
     lines = result.stdout.splitlines() + [""]

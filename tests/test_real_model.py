@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_stage, sample_file
+from conftest import run_stage, sample_file
+from test_export import c_encode, compile_run, real_lines, run_c, tokens_line
 
 transformers = pytest.importorskip("transformers", reason="the real-model tier needs transformers (.ci/run installs it)")
 for needed in ("gguf", "accelerate"):  # transformers reads GGUF files with them
@@ -269,25 +270,45 @@ def test_lora_step_on_the_real_model_lowers_the_loss(from_hf):
     assert loss_after.item() < loss_before.item() - 0.2, (loss_before.item(), loss_after.item())
 
 
-def test_run_c_answers_the_paris_question(from_gguf, tmp_path):
-    """export.py's files for run.c, fp32 and int8, from the GGUF: ./run's greedy chat reply names Paris."""
-    from export import choose_group_size, write_model, write_tokenizer
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler for run.c")
-    binary = tmp_path / "run"
-    subprocess.run([cc, "-O2", "-o", str(binary), str(REPO / "run.c"), "-lm"], check=True)
-    model, tokenizer, _ = from_gguf
-    write_tokenizer(tokenizer, tmp_path / "tokenizer.bin")
-    for weight_type in (0, 1):
-        path = tmp_path / f"model{weight_type}.bin"
-        write_model(model, tokenizer, str(path), weight_type, choose_group_size(model.args, 64) if weight_type else 0)
-        result = subprocess.run([str(binary), str(path), "-z", str(tmp_path / "tokenizer.bin"), "-m", "chat",
-                                 "-y", tokenizer.default_system, "-t", "0", "-n", "16", "-i", PARIS],
-                                capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
-        reply = result.stdout.decode("utf-8", "replace")
-        assert result.returncode == 0 and "The capital of France is Paris." in reply, (weight_type, reply[-500:])
+def check_run_c_on_real_model(source, folder, binary):
+    """
+    export.py's files for run.c from source (hf:DIR or gguf:FILE) into folder, float32 and int8: ./run -m chat
+    (with the chat template's default system message, no -y) replies to PARIS with PyTorch's greedy tokens, "The
+    capital of France is Paris."; ./run -m encode gives tokenizer.py's ids for ~1,000 real lines, a third of them
+    with bytes SmolLM2 has no token for. binary: run.c built as test_export.compile_run builds it.
+    """
+    model, tokenizer, _ = load_checkpoint(source)
+    end = tokenizer.assistant_end_id
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": PARIS}])
+    expected = [tokens[0] for tokens, _ in model.generate(prompt, 24, temperature=0, stop_tokens=[end])]
+    assert tokenizer.decode(expected) == "The capital of France is Paris.<|im_end|>"
+    tokenizer_file = folder / "tokenizer.bin"
+    for quantize in ("", "int8"):
+        model_file = folder / f"model{quantize}.bin"
+        run_stage("export.py", f"--ckpt={source}", f"--out={model_file}", f"--tokenizer_out={tokenizer_file}",
+                  f"--quantize={quantize}", timeout=900)
+        c = run_c(binary, model_file, "-z", tokenizer_file, "-m", "chat", "-t", 0, "-n", 24, "-v", 1, "-i", PARIS)
+        assert "Assistant: The capital of France is Paris.\n" in c.stdout, (quantize, c.stdout[-500:])
+        assert tokens_line(c.stdout) == expected[:-1], quantize  # (-v leaves out the end of the turn)
+    plain = real_lines()
+    spoiled = [line[:i % 9] + UNENCODABLE[i % len(UNENCODABLE)] * (1 + i % 3) + line[i % 9:]
+               for i, line in enumerate(plain[::2])]
+    lines = [line + "\n" for line in plain + spoiled]
+    assert any(byte in line.encode("utf-8") for line in spoiled for byte in tokenizer.missing_bytes)
+    got = c_encode(binary, folder / "modelint8.bin", tokenizer_file, lines, folder)
+    mismatches = [line for line, ids in zip(lines, got) if ids != tokenizer.encode(line)]
+    assert not mismatches, f"{len(mismatches)} of {len(lines)} lines encode differently, e.g. {mismatches[:3]}"
+    for path in folder.glob("model*.bin"):
         path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_run_c_chats_as_pytorch(kind, gguf_path, reference_folder, tmp_path):
+    """run.c on the real model exported from the GGUF and from the Hugging Face folder (fp32 and int8)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler for run.c")
+    source = f"gguf:{gguf_path}" if kind == "gguf" else f"hf:{reference_folder}"
+    check_run_c_on_real_model(source, tmp_path, compile_run(tmp_path / "run", "-O2", "-march=native", "-fopenmp-simd"))
 
 
 def test_chat_py_answers_from_the_hf_folder(reference_folder):

@@ -437,6 +437,7 @@ if not math.isfinite(start_weight_rms):
 start_iter = iter_num
 train_time, tokens_since_start = 0.0, 0
 eval_history = []  # (train loss, val loss) per evaluation, for the overfitting warning
+overfit_warned = False
 eval_seconds = 0.0  # the last evaluation's duration, for the ETA
 log(f"training from step {iter_num} to {max_iters}")
 while True:
@@ -458,15 +459,19 @@ while True:
             f"{bpb_text}{' (best)' if improved else ''} [{eval_seconds:.1f}s]")
         eval_history.append((losses["train_loss"], losses["val_loss"]))
         recent = eval_history[-(overfit_warning_evals + 1):]
-        if overfit_warning_evals and len(recent) == overfit_warning_evals + 1 and \
+        overfit_warned = overfit_warned and not improved  # once per run of rising val losses
+        if overfit_warning_evals and len(recent) == overfit_warning_evals + 1 and not overfit_warned and \
                 all(b[1] > a[1] and b[0] < a[0] for a, b in zip(recent, recent[1:])):
+            overfit_warned = True
             log(f"warning: overfitting? val loss rose for {overfit_warning_evals} evaluations while train "
                 f"loss fell; the best checkpoint is step {best_iter} ({best_ckpt_path}, val loss "
                 f"{best_val_loss:.4f})")
         if master and not eval_only:
             append_jsonl(log_path, {"type": "eval", "iter": iter_num, **losses,
                                     "best_val_loss": best_val_loss, "time_s": round(train_time, 3)})
-            if improved and iter_num > 0:
+            # at step 0 too: a fine-tune whose val loss never improves keeps its starting weights as best.pt,
+            # which every message names
+            if improved:
                 save(best_ckpt_path, with_training_state=False)
                 if save_safetensors:
                     save_best_safetensors()

@@ -189,3 +189,16 @@ def test_config_finetune_py(data_dir, pretrained, tmp_path):
     assert checkpoint["config"]["learning_rate"] <= 1e-4  # conservative
     assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_000002.pt", "ckpt_000004.pt"]
     assert [s["iter"] for s in read_log(out, "sample")] == [0, 2, 4]
+
+
+def test_a_fine_tune_that_never_improves_keeps_its_start_as_best_pt(data_dir, pretrained, tmp_path):
+    # learning rate 0: every later val loss equals the first, so the best is step 0, and best.pt (which the
+    # messages name) holds the starting weights instead of not existing
+    out = tmp_path / "still"
+    run_stage("train.py", *RUN, f"--data_dir={data_dir}", "--data=words", f"--out_dir={out}",
+              f"--init_from={pretrained / 'best.pt'}", "--max_iters=4", "--eval_interval=2",
+              "--learning_rate=0", "--min_lr=0")
+    best = torch.load(out / "best.pt", weights_only=True)
+    start = torch.load(pretrained / "best.pt", weights_only=True)
+    assert best["iter_num"] == 0 and best["best_iter"] == 0
+    assert all(torch.equal(best["model"][k], start["model"][k]) for k in start["model"])

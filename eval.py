@@ -219,7 +219,9 @@ def rouge_l(prediction, reference):
 
 def is_choice_record(r):
     return (isinstance(r.get("question"), str) and isinstance(r.get("choices"), list) and len(r["choices"]) >= 2
-            and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"]))
+            and all(isinstance(c, str) for c in r["choices"])
+            and isinstance(r.get("answer"), int) and not isinstance(r["answer"], bool)
+            and 0 <= r["answer"] < len(r["choices"]))
 
 
 def is_answer_record(r):
@@ -345,12 +347,22 @@ def load_records(task, task_split, task_dir, source):
         raise SplitMissing(f"no {task_split} split of {task}: {path} not found (python prepare/tasks.py "
                            f"--tasks={task} --out={task_dir} writes the splits the task has; or read the "
                            "original files with --source=FOLDER)")
+    line_numbers = []
     try:
-        records = read_task_file(path)
+        records = read_task_file(path, line_numbers)
     except ValueError as e:
         raise EvalError(str(e)) from None
     if not records:
         raise SplitMissing(f"{path} holds no records")
+    entry = task_entry(task)
+    for number, r in zip(line_numbers, records):  # a record the task cannot read: its file:line, not a traceback
+        if not isinstance(r, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+            kind = kind.get(type(r), "a number")
+            raise EvalError(f"{path}:{number}: {kind}; expected a JSON object {entry['expected']}")
+        unlabelled = entry["kind"] == "choice" and r.get("answer") == -1  # HellaSwag's test rows, left out later
+        if not (unlabelled or entry["valid"](r)):
+            raise EvalError(f"{path}:{number}: record (id {r.get('id', '?')}): expected {entry['expected']}")
     return records
 
 

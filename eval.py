@@ -6,7 +6,7 @@ Evaluate a checkpoint on the benchmarks people quote, scored the way lm-evaluati
     python eval.py --ckpt=out/sft/best.pt --tasks=mmlu,arc_easy,gsm8k    # a chat model (from the checkpoint)
 
 Task records are the normalized files of prepare/tasks.py (data/tasks/<task>/<split>.jsonl), or are read straight
-from a folder laid out like ../shared/data with --source=../shared/data.
+from a folder laid out like prepare/sample with --source=prepare/sample.
 
 Base models (checkpoint data_format "text"): multiple choice by log-likelihood, exactly as lm-evaluation-harness
 (its "multiple_choice" output type). Each choice is scored as the continuation " " + choice after the prompt:
@@ -105,7 +105,7 @@ fewshot_seed = 1234  # lm-evaluation-harness's seed for drawing few-shot example
 mode = "auto"  # 'auto' = from the checkpoint's data_format;
 #                'base' (log-likelihood) or 'chat' (letters, conversation)
 task_dir = "data/tasks"  # normalized task files from prepare/tasks.py: <task_dir>/<task>/<split>.jsonl
-source = ""  # read tasks straight from a folder laid out like ../shared/data instead of task_dir
+source = ""  # read tasks straight from a folder laid out like prepare/sample instead of task_dir
 data_dir = ""  # prepared token sources for bpb and chat:NAME;
 #                empty = the data_dir the checkpoint was trained with
 bpb_data = ""  # the token source whose val split bpb is measured on;
@@ -231,7 +231,7 @@ def is_answer_record(r):
 # -----------------------------------------------------------------------------------------------------
 # the tasks: all that eval.py knows about a benchmark is its entry here; the code below is the same for all.
 # The fields follow lm-evaluation-harness's task configs (doc_to_text, doc_to_choice, doc_to_target,
-# description, fewshot_split, metrics), over the normalized records r of DESIGN.md:
+# description, fewshot_split, metrics), over the normalized records r of docs/formats.md:
 #   kind             "choice": multiple choice, scored by log-likelihood (base models) or by the letter the
 #                    model answers (chat models); "answer": a generated answer checked against the reference;
 #                    "bpb": bits per byte of a prepared token source (no records)
@@ -333,7 +333,7 @@ def load_records(task, task_split, task_dir, source):
     """
     if source:
         if not os.path.isdir(source):
-            raise EvalError(f"{source}: no such folder; --source expects a folder laid out like ../shared/data "
+            raise EvalError(f"{source}: no such folder; --source expects a folder laid out like prepare/sample "
                             "(see its MANIFEST.md)")
         try:
             records = load_task(task, task_split, source)
@@ -1163,7 +1163,7 @@ def main():
     if limit < 0 or batch_size < 1:
         raise EvalError("limit must be >= 0 and batch_size >= 1")
     if source and not os.path.isdir(source):
-        raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
+        raise EvalError(f"source={source!r} is not a folder; expected one laid out like prepare/sample")
     if compare and any(entry["kind"] != "holdout" for entry in entries.values()):
         others = [t for t, e in entries.items() if e["kind"] != "holdout"]
         raise EvalError(f"--compare scores a second checkpoint on the items of chat:NAME tasks only, not "

@@ -78,7 +78,7 @@ class Tokenizer:
                                           special_tokens=self.special_tokens)
         self.vocab_size = self.encoding.n_vocab
         # Imported (Hugging Face) tokenizers keep their model's own chat format and document-start token; ours
-        # is 'nanollama' (DESIGN.md). chat_template is the Jinja text transformers uses, kept for export only.
+        # is 'nanollama' (docs/formats.md). chat_template is the Jinja text transformers uses, kept for export only.
         self.chat_format = chat_format
         self.bos_token = bos_token
         self.bos_id = self.special_tokens[bos_token]  # starts every document (and every nanollama/llama3 conversation)
@@ -288,7 +288,7 @@ class Tokenizer:
 
     def render_conversation(self, messages, max_tokens=None):
         """
-        A conversation -> (ids, mask), per DESIGN.md: <|bos|>, then each turn wrapped in its role's start and
+        A conversation -> (ids, mask), per docs/formats.md: <|bos|>, then each turn wrapped in its role's start and
         end tokens. mask[i] is 1 where ids[i] is a token the model must learn to produce: the assistant's text,
         its tool calls and its <|assistant_end|>; 0 for everything it is given (system and user turns, tool
         output, <|bos|>, <|assistant_start|>). max_tokens truncates both lists.

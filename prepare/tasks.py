@@ -1,5 +1,5 @@
 """
-Evaluation sets, normalized to the records of DESIGN.md, one JSONL file per task and split:
+Evaluation sets, normalized to the records of docs/formats.md, one JSONL file per task and split:
 
     multiple choice: {"id", "question", "choices": [...], "answer": <index>}  (+ "context", "subject" where known)
     GSM8K:           {"id", "question", "answer": "<final number>", "solution": "..."}

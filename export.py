@@ -310,7 +310,6 @@ def write_legacy(model, tokenizer, model_path, tokenizer_path):
     args = model.args
     check_legacy(args, tokenizer)
     order = torch.tensor(legacy_order(tokenizer, args.vocab_size))
-    head_dim = args.dim // args.n_heads
     vocab_field = args.vocab_size if args.tie_embeddings else -args.vocab_size  # negative: separate head
     stack = lambda get: torch.stack([get(layer) for layer in model.layers])
     tensors = [model.tok_embeddings.weight[order],

@@ -236,7 +236,7 @@ def main():
         print(f"{shape:>7}  {dtype:>5}  {n_threads:>7}  {tps:8.1f}   {100 * share:9.0f}%   {ratio}")
     if first_token_rows:
         print("\ntime to first token, seconds (prompt tok/s)")
-        print(f"  shape        dtype  threads  " + "  ".join(f"{n:>17}" for n in prompt_lengths))
+        print("  shape        dtype  threads  " + "  ".join(f"{n:>17}" for n in prompt_lengths))
         keys = sorted({r[:3] for r in first_token_rows}, key=lambda k: [r[:3] for r in first_token_rows].index(k))
         for key in keys:
             cells = {r[3]: r[4] for r in first_token_rows if r[:3] == key}

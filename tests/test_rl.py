@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import REPO, prepare_chat_source, random_model, read_log, run_stage
+from conftest import prepare_chat_source, random_model, read_log, run_stage
 from engine import calculator
 from prepare.arithmetic import conversation, generate_problems
 from rl import compute_advantages, policy_gradient_terms, reply_text, rollout_tensors, score_reply

@@ -13,6 +13,7 @@ pages only its own (--allowed_origins adds more): another site open in the brows
 Settings take nanoGPT's --key=value form; `--key value` and a bare `--serve` work too.
 """
 
+import importlib
 import ipaddress
 import itertools
 import json
@@ -25,8 +26,6 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
-
-import torch
 
 from configurator import ConfigError, configure
 import engine
@@ -664,8 +663,8 @@ if __name__ == "__main__":
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         reply_in_terminal(model, tokenizer, messages, sampling, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     else:
-        try:
-            import readline  # noqa: F401  (line editing and history for input(), where available)
+        try:  # imported for its side effect: line editing and history for input(), where available
+            importlib.import_module("readline")
         except ImportError:
             pass
         print(f"{ckpt} on {device}, step {checkpoint.get('iter_num', '?')}", file=sys.stderr)

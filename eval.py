@@ -6,7 +6,7 @@ Evaluate a checkpoint on the benchmarks people quote, scored the way lm-evaluati
     python eval.py --ckpt=out/sft/best.pt --tasks=mmlu,arc_easy,gsm8k    # a chat model (from the checkpoint)
 
 Task records are the normalized files of prepare/tasks.py (data/tasks/<task>/<split>.jsonl), or are read straight
-from a folder laid out like ../shared/data with --source=../shared/data.
+from a folder laid out like prepare/sample with --source=prepare/sample.
 
 Base models (checkpoint data_format "text"): multiple choice by log-likelihood, exactly as lm-evaluation-harness
 (its "multiple_choice" output type). Each choice is scored as the continuation " " + choice after the prompt:
@@ -105,7 +105,7 @@ fewshot_seed = 1234  # lm-evaluation-harness's seed for drawing few-shot example
 mode = "auto"  # 'auto' = from the checkpoint's data_format;
 #                'base' (log-likelihood) or 'chat' (letters, conversation)
 task_dir = "data/tasks"  # normalized task files from prepare/tasks.py: <task_dir>/<task>/<split>.jsonl
-source = ""  # read tasks straight from a folder laid out like ../shared/data instead of task_dir
+source = ""  # read tasks straight from a folder laid out like prepare/sample instead of task_dir
 data_dir = ""  # prepared token sources for bpb and chat:NAME;
 #                empty = the data_dir the checkpoint was trained with
 bpb_data = ""  # the token source whose val split bpb is measured on;
@@ -219,7 +219,9 @@ def rouge_l(prediction, reference):
 
 def is_choice_record(r):
     return (isinstance(r.get("question"), str) and isinstance(r.get("choices"), list) and len(r["choices"]) >= 2
-            and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"]))
+            and all(isinstance(c, str) for c in r["choices"])
+            and isinstance(r.get("answer"), int) and not isinstance(r["answer"], bool)
+            and 0 <= r["answer"] < len(r["choices"]))
 
 
 def is_answer_record(r):
@@ -229,7 +231,7 @@ def is_answer_record(r):
 # -----------------------------------------------------------------------------------------------------
 # the tasks: all that eval.py knows about a benchmark is its entry here; the code below is the same for all.
 # The fields follow lm-evaluation-harness's task configs (doc_to_text, doc_to_choice, doc_to_target,
-# description, fewshot_split, metrics), over the normalized records r of DESIGN.md:
+# description, fewshot_split, metrics), over the normalized records r of docs/formats.md:
 #   kind             "choice": multiple choice, scored by log-likelihood (base models) or by the letter the
 #                    model answers (chat models); "answer": a generated answer checked against the reference;
 #                    "bpb": bits per byte of a prepared token source (no records)
@@ -331,7 +333,7 @@ def load_records(task, task_split, task_dir, source):
     """
     if source:
         if not os.path.isdir(source):
-            raise EvalError(f"{source}: no such folder; --source expects a folder laid out like ../shared/data "
+            raise EvalError(f"{source}: no such folder; --source expects a folder laid out like prepare/sample "
                             "(see its MANIFEST.md)")
         try:
             records = load_task(task, task_split, source)
@@ -345,12 +347,22 @@ def load_records(task, task_split, task_dir, source):
         raise SplitMissing(f"no {task_split} split of {task}: {path} not found (python prepare/tasks.py "
                            f"--tasks={task} --out={task_dir} writes the splits the task has; or read the "
                            "original files with --source=FOLDER)")
+    line_numbers = []
     try:
-        records = read_task_file(path)
+        records = read_task_file(path, line_numbers)
     except ValueError as e:
         raise EvalError(str(e)) from None
     if not records:
         raise SplitMissing(f"{path} holds no records")
+    entry = task_entry(task)
+    for number, r in zip(line_numbers, records):  # a record the task cannot read: its file:line, not a traceback
+        if not isinstance(r, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+            kind = kind.get(type(r), "a number")
+            raise EvalError(f"{path}:{number}: {kind}; expected a JSON object {entry['expected']}")
+        unlabelled = entry["kind"] == "choice" and r.get("answer") == -1  # HellaSwag's test rows, left out later
+        if not (unlabelled or entry["valid"](r)):
+            raise EvalError(f"{path}:{number}: record (id {r.get('id', '?')}): expected {entry['expected']}")
     return records
 
 
@@ -1151,7 +1163,7 @@ def main():
     if limit < 0 or batch_size < 1:
         raise EvalError("limit must be >= 0 and batch_size >= 1")
     if source and not os.path.isdir(source):
-        raise EvalError(f"source={source!r} is not a folder; expected one laid out like ../shared/data")
+        raise EvalError(f"source={source!r} is not a folder; expected one laid out like prepare/sample")
     if compare and any(entry["kind"] != "holdout" for entry in entries.values()):
         others = [t for t, e in entries.items() if e["kind"] != "holdout"]
         raise EvalError(f"--compare scores a second checkpoint on the items of chat:NAME tasks only, not "

@@ -310,7 +310,6 @@ def write_legacy(model, tokenizer, model_path, tokenizer_path):
     args = model.args
     check_legacy(args, tokenizer)
     order = torch.tensor(legacy_order(tokenizer, args.vocab_size))
-    head_dim = args.dim // args.n_heads
     vocab_field = args.vocab_size if args.tie_embeddings else -args.vocab_size  # negative: separate head
     stack = lambda get: torch.stack([get(layer) for layer in model.layers])
     tensors = [model.tok_embeddings.weight[order],
@@ -430,9 +429,9 @@ if __name__ == "__main__":
     if format == "npz":
         out = out or "model.npz"
         write_npz(model, tokenizer, checkpoint, out)
-        mode = " -m chat" if checkpoint.get("data_format") == "chat" else ""
+        mode = " --mode=chat" if checkpoint.get("data_format") == "chat" else ""  # run_numpy.py's settings
         print(f"wrote {out}: {n_params / 1e6:.2f}M parameters, float32, model arguments and tokenizer inside; "
-              f"run it without torch: python run_numpy.py {out}{mode} -i \"Hello\"")
+              f"run it without torch: python run_numpy.py {out}{mode} --prompt=\"Hello\"")
         sys.exit(0)
     out = out or "model.bin"
     weight_type = 1 if quantize == "int8" else 0

@@ -6,11 +6,8 @@ Sample from a trained model.
     python sample.py --start=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
 """
 
-import os
 import sys
 import time
-
-import torch
 
 from configurator import configure
 import engine

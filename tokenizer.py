@@ -78,7 +78,7 @@ class Tokenizer:
                                           special_tokens=self.special_tokens)
         self.vocab_size = self.encoding.n_vocab
         # Imported (Hugging Face) tokenizers keep their model's own chat format and document-start token; ours
-        # is 'nanollama' (DESIGN.md). chat_template is the Jinja text transformers uses, kept for export only.
+        # is 'nanollama' (docs/formats.md). chat_template is the Jinja text transformers uses, kept for export only.
         self.chat_format = chat_format
         self.bos_token = bos_token
         self.bos_id = self.special_tokens[bos_token]  # starts every document (and every nanollama/llama3 conversation)
@@ -133,9 +133,24 @@ class Tokenizer:
             raise ValueError(f"{source}: not a tokenizer file (expected \"format\": \"{FILE_FORMAT}\")")
         if d.get("version") != FILE_VERSION:
             raise ValueError(f"{source}: tokenizer file version {d.get('version')}, this code reads {FILE_VERSION}")
+        for key, kind in (("pattern", str), ("special_tokens", dict), ("ranks", list)):
+            if not isinstance(d.get(key), kind):
+                raise ValueError(f"{source}: tokenizer file without a valid \"{key}\" (expected a JSON "
+                                 f"{ {str: 'string', dict: 'object', list: 'array'}[kind]})")
         # ranks[i] is the bytes of the token with id i; null where a special token holds the id (imported
         # tokenizers often put their specials first)
-        ranks = {base64.b64decode(token): rank for rank, token in enumerate(d["ranks"]) if token is not None}
+        ranks = {}
+        for rank, token in enumerate(d["ranks"]):
+            if token is None:
+                continue
+            try:
+                token_bytes = base64.b64decode(token, validate=True) if isinstance(token, str) else b""
+            except ValueError:  # binascii.Error: a character outside base64's alphabet, or bad padding
+                token_bytes = b""
+            if not token_bytes or base64.b64encode(token_bytes).decode("ascii") != token:  # canonical only
+                raise ValueError(f"{source}: \"ranks\"[{rank}] is {json.dumps(token)[:40]}; expected the "
+                                 "token's bytes in base64 (or null for an id a special token holds)")
+            ranks[token_bytes] = rank
         if len(ranks) != sum(token is not None for token in d["ranks"]):
             raise ValueError(f"{source}: tokenizer has duplicate tokens")
         extra = {key: d[key] for key in OPTIONAL_FIELDS if key in d}
@@ -273,7 +288,7 @@ class Tokenizer:
 
     def render_conversation(self, messages, max_tokens=None):
         """
-        A conversation -> (ids, mask), per DESIGN.md: <|bos|>, then each turn wrapped in its role's start and
+        A conversation -> (ids, mask), per docs/formats.md: <|bos|>, then each turn wrapped in its role's start and
         end tokens. mask[i] is 1 where ids[i] is a token the model must learn to produce: the assistant's text,
         its tool calls and its <|assistant_end|>; 0 for everything it is given (system and user turns, tool
         output, <|bos|>, <|assistant_start|>). max_tokens truncates both lists.

@@ -70,7 +70,7 @@ def main():
         model, tokenizer, _ = load_checkpoint(f"hf:{folder}")
         print(f"import (hf:DIR -> model.py): {time.perf_counter() - t0:.2f} s")
 
-        text = open(os.path.join(REPO, "..", "shared", "data", "tinystories", "tinystories_val.txt"),
+        text = open(os.path.join(REPO, "prepare", "sample", "tinystories", "tinystories_val.txt"),
                     encoding="utf-8").read(20000)
         ids = tokenizer.encode(text.replace("<|endoftext|>", ""))[:seq]
         x = torch.tensor([ids])

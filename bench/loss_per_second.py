@@ -10,7 +10,7 @@ say why: GPT-2 at our learning rate, and our model with its residual projections
 Each recipe trains for budget_s seconds of training time (evaluations are not counted) with linear warmup over the
 first 5% of the budget and cosine decay to lr/10 at the end, so every run gets a complete schedule whatever its
 speed. Val loss (nats per token, the same tokens for everyone) is measured at 10 points; the curves go to
-loss_per_second.png. Train data: ../shared/data/tinystories/tiny_stories.txt + the first 80% of
+loss_per_second.png. Train data: prepare/sample/tinystories/tiny_stories.txt + the first 80% of
 tinystories_val.txt; val: its last 20%. Tokenizer: byte-level BPE, vocab 2048, trained on the train text.
 """
 
@@ -44,7 +44,7 @@ seed = 0  # initialization and the order of the batches (the same for every reci
 plot = "loss_per_second.png"  # the curves; empty = no picture
 # -----------------------------------------------------------------------------------------------------
 
-SHARED = os.path.join(REPO, "..", "shared", "data")
+SHARED = os.path.join(REPO, "prepare", "sample")  # its two TinyStories files are whole
 
 
 def make_nanollama(vocab_size, zero_init=False):

@@ -74,7 +74,7 @@ model, tokenizer = imports["gguf"][1], imports["gguf"][2]
 
 # logits against transformers' own loading of the same GGUF
 reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-text = open(os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt"), encoding="utf-8").read(20000)
+text = open(os.path.join(REPO, "prepare", "sample", "wikitext-2", "valid.txt"), encoding="utf-8").read(20000)
 ids = torch.tensor([tokenizer.encode(text)[:logit_tokens]])
 with torch.no_grad():
     expected = reference(ids).logits[0]

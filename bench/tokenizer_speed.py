@@ -4,11 +4,11 @@ Tokenizer benchmark: training time, encoding speed, compression, and the memory 
     python bench/tokenizer_speed.py              # 10 MB and 100 MB corpora (about 2-3 minutes on 2 cores)
     python bench/tokenizer_speed.py --quick      # 10 MB only
 
-The full TinyStories train split (2.2 GB) is not in ../shared/data, so the corpora are built from the real
+The full TinyStories train split (2.2 GB) is not in a local copy of the datasets, so the corpora are built from the real
 stories there (tiny_stories.txt, ~1,100 stories, 0.9 MB), repeated with a different seeded shuffle of the
 stories each time. Repeating text adds no new words: such a corpus has only ~5-7K distinct chunks, too few
 pairs for a 32K vocabulary, so the 32K figures are also measured on a diverse corpus: every text file in
-../shared/data (WikiText, Shakespeare, Alpaca, LIMA, GSM8K, MMLU, ...; ~29 MB), repeated to 100 MB.
+the local copy (WikiText, Shakespeare, Alpaca, LIMA, GSM8K, MMLU, ...; ~29 MB), repeated to 100 MB.
 Compression is measured on tinystories_val.txt, which no corpus here contains.
 """
 

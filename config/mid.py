@@ -1,8 +1,8 @@
 # Midtraining: teach a pretrained base model the chat format, multiple-choice answers, calculator tool calls and
 # who it is, before SFT. Each source is prepared into its own folder with the base model's tokenizer:
-#   python prepare/chat.py alpaca_cleaned --source ../shared/data/alpaca_cleaned
-#   python prepare/chat.py mc --source ../shared/data      # ARC-Easy/Challenge, OpenBookQA
-#   python prepare/chat.py gsm8k --source ../shared/data   # with <|python_start|> tool calls
+#   python prepare/chat.py alpaca_cleaned --source prepare/sample/alpaca_cleaned
+#   python prepare/chat.py mc --source sample           # ARC-Easy/Challenge, OpenBookQA
+#   python prepare/chat.py gsm8k --source sample        # with <|python_start|> tool calls
 #   python prepare/chat.py identity --model_name nanollama --creator "you"
 #   python train.py config/mid.py --init_from=out/tinystories/best.pt
 # Weights on chat sources repeat conversations per epoch: identity:8 shows each identity conversation 8 times,

@@ -3,7 +3,7 @@
 #   python prepare/tinystories.py
 #   python train.py config/pretrain_tinystories.py
 # 16 batch x 256 block = 4,096 tokens per step; 2,000 steps = 8.2M tokens.
-# MEASURED (2-core AMD EPYC, fp32, 2 threads) on the 0.9 MB TinyStories subset of ../shared/data (229K train
+# MEASURED (2-core AMD EPYC, fp32, 2 threads) on the 0.9 MB TinyStories subset of prepare/sample (229K train
 # tokens, so only --max_iters=300 = 5 epochs): val loss 3.69 nats/token, 1.31 bits/byte, in 3.5 min of training
 # (4.5 min with evaluations) at 5,100-6,900 tokens/s, MFU 50-60% of the measured matmul peak; samples are
 # TinyStories-like sentences. The full 2,000 steps take about 25 minutes on the same machine.

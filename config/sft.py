@@ -1,6 +1,6 @@
 # Supervised fine-tuning of a pretrained (or midtrained) model on conversations: the loss counts only the
 # assistant's tokens. Prepare the conversations first, e.g. Alpaca-cleaned:
-#   python prepare/chat.py alpaca_cleaned --source ../shared/data/alpaca_cleaned
+#   python prepare/chat.py alpaca_cleaned --source prepare/sample/alpaca_cleaned
 #   python train.py config/sft.py --init_from=out/tinystories/best.pt
 # A new, lower learning-rate schedule over a few epochs; best.pt keeps the lowest val loss, patience stops early
 # and train.py warns when val loss rises while train loss falls (overfitting).

@@ -8,7 +8,7 @@ A synthetic arithmetic task sized for a CPU: seeded word problems with small num
 Writes data/arith/:
     train.jsonl, val.jsonl, test.jsonl    the problems, GSM8K-style {"id", "question", "answer", "solution"}
                                           (rl.py samples train problems and measures accuracy on test)
-    train.bin, train.mask.bin, val.*      SFT conversations (chat token files per DESIGN.md): the user asks the
+    train.bin, train.mask.bin, val.*      SFT conversations (chat token files per docs/formats.md): the user asks the
                                           question, the assistant calls the calculator, then writes '#### <answer>'
     meta.json, tokenizer.json             as every prepared source has
 

@@ -216,7 +216,7 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def multiple_choice_messages(record):
-    """A multiple-choice record (DESIGN.md's normalized form) as a question with lettered choices; the answer is the letter."""
+    """A multiple-choice record (docs/formats.md's normalized form) as a question with lettered choices; the answer is the letter."""
     context = f"{record['context']}\n\n" if record.get("context") else ""
     choices = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(record["choices"]))
     user = f"{context}{record['question']}\n\n{choices}\n\nAnswer with the letter of the correct choice."

@@ -1,5 +1,5 @@
 """
-Evaluation sets, normalized to the records of DESIGN.md, one JSONL file per task and split:
+Evaluation sets, normalized to the records of docs/formats.md, one JSONL file per task and split:
 
     multiple choice: {"id", "question", "choices": [...], "answer": <index>}  (+ "context", "subject" where known)
     GSM8K:           {"id", "question", "answer": "<final number>", "solution": "..."}
@@ -48,8 +48,11 @@ TASKS = ["openbookqa", "arc_easy", "arc_challenge", "mmlu", "hellaswag", "gsm8k"
 # parsers: raw file text -> normalized records
 
 
-def read_jsonl_lines(text, source):
-    """Parsed JSON objects of a JSONL text; a malformed line is an error that names source:line."""
+def read_jsonl_lines(text, source, line_numbers=None):
+    """
+    Parsed JSON objects of a JSONL text; a malformed line is an error that names source:line. A list given as
+    line_numbers gets each record's line number, for errors about the record that name its line.
+    """
     records = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and the like are not line ends
         if not line.strip():
@@ -58,6 +61,8 @@ def read_jsonl_lines(text, source):
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}:{number}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+        if line_numbers is not None:
+            line_numbers.append(number)
     return records
 
 
@@ -217,9 +222,9 @@ def load_task(task, split, source=None):
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
-def read_task_file(path):
-    """Records of a normalized task file written by this script."""
-    return read_jsonl_lines(read_text(path), path)
+def read_task_file(path, line_numbers=None):
+    """Records of a normalized task file written by this script (line_numbers: as read_jsonl_lines)."""
+    return read_jsonl_lines(read_text(path), path, line_numbers)
 
 
 # the characters other than '\\n' at which str.splitlines() ends a line and that json.dumps(ensure_ascii=False)

@@ -212,3 +212,30 @@ def test_end_to_end_on_a_tiny_checkpoint(data_dir, tmp_path):
     # a bad task name is a clear error, not a traceback
     bad = run_stage("eval.py", f"--ckpt={out / 'best.pt'}", "--tasks=arc_eazy", check=False)
     assert bad.returncode == 1 and "arc_eazy" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('["First?", ["abc", "xyz"], 0]', "an array; expected a JSON object"),
+    ('"First?"', "a string; expected a JSON object"),
+    ('{"id": "7", "question": "First?", "choices": ["abc", 3], "answer": 0}', "record (id 7): expected"),
+    ('{"id": "8", "question": "First?", "choices": ["abc", "xyz"]}', "record (id 8): expected"),
+    ('{"id": "9", "choices": ["abc", "xyz"], "answer": 1}', "record (id 9): expected"),
+])
+def test_a_bad_task_record_is_one_line_naming_file_and_line(tmp_path, line, expected):
+    folder = tmp_path / "arc_easy"
+    folder.mkdir()
+    good = json.dumps(HAND_MADE[0])
+    (folder / "val.jsonl").write_text(f"{good}\n\n{line}\n{good}\n")  # the bad record is on line 3
+    with pytest.raises(ev.EvalError) as error:
+        ev.load_records("arc_easy", "val", str(tmp_path), "")
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'val.jsonl'}:3: {expected}") and "\n" not in message
+    assert '"choices": [str, ...]' in message
+
+
+def test_a_bad_gsm8k_record_names_its_line(tmp_path):
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": 4}\n')
+    with pytest.raises(ev.EvalError, match=r"gsm8k/test.jsonl:2: record \(id \?\): expected \{\"question\": str"):
+        ev.load_records("gsm8k", "test", str(tmp_path), "")

@@ -7,13 +7,11 @@ AddressSanitizer).
 
 import inspect
 import json
-import math
 import os
 import re
 import shutil
 import struct
 import subprocess
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict

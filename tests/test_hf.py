@@ -54,7 +54,7 @@ def real_lines(n):
 def build_hf_tokenizer(folder, style, specials, template, vocab_size=700, special_ids_at=None):
     """A byte-level BPE tokenizer.json trained with Hugging Face tokenizers, and its tokenizer_config.json.
     style: 'gpt2' (ByteLevel split), 'digits' (SmolLM2: Digits + ByteLevel), 'split' (Llama 3/Qwen2: regex Split)."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     tok = tokenizers.Tokenizer(models.BPE(ignore_merges=style == "split"))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "split")
     if style == "digits":

@@ -116,7 +116,9 @@ def test_run_numpy_runs_without_torch_and_replies_as_the_engine(tmp_path):
                      "tokenizer": TOKENIZER.to_json(), "data_format": "chat", "iter_num": 3},
                     str(tmp_path / "ckpt.pt"))
     npz = tmp_path / "model.npz"
-    run_stage("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--format=npz", f"--out={npz}")
+    exported = run_stage("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--format=npz", f"--out={npz}")
+    # the command it suggests is one run_numpy.py takes (it once said run.c's -m chat -i)
+    assert f"python run_numpy.py {npz} --mode=chat --prompt=\"Hello\"" in exported.stdout
     # torch made unimportable: `import torch` anywhere in run_numpy.py or what it imports fails
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run_numpy.py'] + sys.argv[1:]; "
             "runpy.run_path('run_numpy.py', run_name='__main__')")

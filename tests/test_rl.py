@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import REPO, prepare_chat_source, random_model, read_log, run_stage
+from conftest import prepare_chat_source, random_model, read_log, run_stage
 from engine import calculator
 from prepare.arithmetic import conversation, generate_problems
 from rl import compute_advantages, policy_gradient_terms, reply_text, rollout_tensors, score_reply
@@ -161,6 +161,10 @@ def test_mean_reward_rises_on_a_toy_task(toy_task, tmp_path):
     assert sum(last) / 10 > sum(first) / 10 + 0.3, result.stdout[-2000:]
     assert evals[-1]["pass_at_1"] > evals[0]["pass_at_1"] + 0.3
     assert evals[0]["n_problems"] == 16 and evals[-1]["iter"] == 40
+    # not on a terminal, evaluation progress is whole lines (common.Progress), no carriage returns in logs
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    assert any(line.startswith("  evaluating: 16/16 problems, greedy accuracy so far")
+               for line in result.stderr.splitlines())
     assert (out / "reward.png").stat().st_size > 0
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["data_format"] == "chat" and checkpoint["iter_num"] == 40

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, run_stage
 from engine import calculator, generate
 from checkpoint import load_checkpoint
-from test_export import compile_run, export, run_c, tokens_line
+from test_export import compile_run, export, run_c
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,25 @@ def test_bad_tokenizer_files_are_clear_errors(tmp_path):
         Tokenizer.from_file(str(tmp_path / "other.json"))
 
 
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d.pop("ranks"), 'without a valid "ranks" (expected a JSON array)'),
+    (lambda d: d["ranks"].__setitem__(5, "!!not base64"), '"ranks"[5] is "!!not base64"; expected'),
+    (lambda d: d["ranks"].__setitem__(7, ""), '"ranks"[7] is ""; expected'),  # once loaded as an empty token
+    (lambda d: d["ranks"].__setitem__(9, "QUJD="), '"ranks"[9] is "QUJD="; expected'),  # extra padding
+    (lambda d: d["ranks"].__setitem__(3, 65), '"ranks"[3] is 65; expected'),
+    (lambda d: d.pop("pattern"), 'without a valid "pattern"'),
+])
+def test_a_tokenizer_file_with_bad_ranks_names_the_file_and_key(tmp_path, change, expected):
+    d = json.loads(Tokenizer.byte_level().to_json())
+    change(d)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError) as error:
+        Tokenizer.from_file(str(path))
+    assert str(error.value).startswith(f"{path}: ") and expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def tiktoken_gpt2_cached():
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
         os.path.join(tempfile.gettempdir(), "data-gym-cache")

@@ -453,6 +453,8 @@ def nf4_levels():
 
 
 NF4_LEVELS = nf4_levels()
+# byte -> the levels of its two codes (high 4 bits, low 4 bits): one lookup per byte dequantizes two values
+NF4_PAIRS = torch.stack((NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)), dim=-1)
 
 
 def quantize_nf4(weight):
@@ -470,10 +472,9 @@ def quantize_nf4(weight):
     return (codes[0::2] << 4) | codes[1::2], scales
 
 
-def dequantize_nf4(codes, scales, shape, levels=NF4_LEVELS):
+def dequantize_nf4(codes, scales, shape, pairs=NF4_PAIRS):
     """The float32 tensor of that shape that quantize_nf4's codes and scales stand for."""
-    indices = torch.stack((codes >> 4, codes & 15), dim=-1).view(-1).long()
-    values = levels.to(codes.device)[indices].view(-1, NF4_BLOCK) * scales[:, None]
+    values = F.embedding(codes.long(), pairs.to(codes.device)).view(-1, NF4_BLOCK) * scales[:, None]
     return values.view(-1)[:math.prod(shape)].view(shape)
 
 
@@ -513,7 +514,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scales", scales)
         if kind == "nf4":  # not persistent: derived, like the RoPE tables, but it follows the model's device
-            self.register_buffer("levels", NF4_LEVELS.to(codes.device), persistent=False)
+            self.register_buffer("pairs", NF4_PAIRS.to(codes.device), persistent=False)
         self.bias = base.bias
 
     def extra_repr(self):
@@ -522,7 +523,7 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self):
         if self.kind == "nf4":
             shape = (self.out_features, self.in_features)
-            return dequantize_nf4(self.weight_codes, self.weight_scales, shape, self.levels)
+            return dequantize_nf4(self.weight_codes, self.weight_scales, shape, self.pairs)
         return dequantize_int8(self.weight_codes, self.weight_scales)
 
     def forward(self, x):

@@ -196,6 +196,9 @@ def test_qlora_training_resume_checkpoint_and_loading(qlora_setup, tmp_path):
     assert torch.allclose(logits, merged_by_hand, atol=1e-5) and torch.allclose(logits, unmerged, atol=1e-5)
     sample = run_stage("sample.py", f"--ckpt={tmp_path / 'one' / 'best.pt'}", "--max_new_tokens=5")
     assert "chat model" in sample.stderr
+    run_stage("export.py", f"--ckpt={tmp_path / 'one' / 'best.pt'}", f"--out={tmp_path / 'model.bin'}",
+              f"--tokenizer_out={tmp_path / 'tokenizer.bin'}")  # merged as for LoRA
+    assert (tmp_path / "model.bin").stat().st_size > 0
 
 
 def test_qlora_setting_errors(qlora_setup, tmp_path):

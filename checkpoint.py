@@ -729,7 +729,8 @@ def lora_base_entries(base, out_dir, sha256=None):
 def build_model(checkpoint, path, device="cpu"):
     """
     The model a checkpoint describes. A LoRA checkpoint is applied on its verified base model and left
-    unmerged (for training); load_checkpoint merges it.
+    unmerged (for training); load_checkpoint merges it. A QLoRA checkpoint (lora's base_quantize 'nf4' or
+    'int8') quantizes the base again, the same deterministic way, so a resumed run continues exactly.
     """
     args = model_args_from_dict(checkpoint["model_args"], path)
     model = Transformer(args)
@@ -740,7 +741,8 @@ def build_model(checkpoint, path, device="cpu"):
             raise ValueError(f"{base_path}: the base of a LoRA checkpoint must be a full checkpoint")
         load_state_dict_checked(model, base["model"], base_path)
         lora = checkpoint["lora"]
-        apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"],
+                   lora.get("base_quantize", ""))
         load_state_dict_checked(model, {**model.state_dict(), **checkpoint["adapters"]}, path)
     else:
         load_state_dict_checked(model, checkpoint["model"], path)
@@ -756,7 +758,9 @@ def checkpoint_in(out_dir):
 def load_checkpoint(path, device="cpu"):
     """
     The one way to load a checkpoint for use: returns (model in eval mode, tokenizer, checkpoint dict).
-    Full checkpoints and LoRA adapter checkpoints alike (adapters are merged into the weights).
+    Full checkpoints and LoRA adapter checkpoints alike (adapters are merged into the weights). QLoRA
+    adapters are merged into the dequantized base: the merged model carries the base's quantization error
+    (NF4 or int8), the model the adapters were trained with, not the float base plus the adapters.
     """
     checkpoint = read_checkpoint(path, device)
     model = merge_lora(build_model(checkpoint, path, device)).eval()

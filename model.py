@@ -8,8 +8,9 @@ The Transformer: Llama architecture, the same math as llama2.c's forward pass.
 
 Weight names follow llama2.c (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...) and RoPE
 rotates interleaved pairs (x[2i], x[2i+1]) like llama2.c's run.c, so an exported model runs there too.
-Also here: KV-cache generation with sampling and a tool hook (engine.py adds the tools), LoRA adapters,
-the optimizer set-up and the FLOPs per token that MFU is computed from. Checkpoints: checkpoint.py.
+Also here: KV-cache generation with sampling and a tool hook (engine.py adds the tools), LoRA adapters
+(and QLoRA's NF4 / int8 frozen weights), the optimizer set-up and the FLOPs per token that MFU is computed
+from. Checkpoints: checkpoint.py.
 """
 
 import math
@@ -333,21 +334,38 @@ LORA_TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "
 
 
 class LoRALinear(nn.Linear):
-    """y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with W frozen. B starts at zero: step 0 is the base model."""
+    """
+    y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with W frozen. B starts at zero: step 0 is the base
+    model.
+    base is an nn.Linear, whose weight is used as is, or a QuantizedLinear (QLoRA), which stays quantized.
+    """
 
-    def __init__(self, base: nn.Linear, rank, alpha, dropout):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device,
-                         dtype=base.weight.dtype)
-        self.weight = base.weight  # the same tensor: state_dict names stay those of the base model
-        self.weight.requires_grad = False
-        self.bias = base.bias  # frozen too (apply_lora froze every parameter); None for Llama's projections
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+    def __init__(self, base, rank, alpha, dropout):
+        # on the meta device: no memory for a weight that is replaced at once
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        device = base.weight_scales.device if isinstance(base, QuantizedLinear) else base.weight.device
+        if isinstance(base, QuantizedLinear):
+            self.weight, self.bias, self.quantized = None, None, base  # the base's bias lives in the base
+        else:
+            self.weight = base.weight  # the same tensor: state_dict names stay those of the base model
+            self.weight.requires_grad = False
+            self.bias = base.bias  # frozen too (apply_lora froze every parameter); None for Llama's
+            self.quantized = None
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=device)
+                                   / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
 
+    def base_weight_and_bias(self):
+        """The frozen weight (dequantized for QLoRA) and bias, as merge_lora folds them."""
+        if self.quantized is None:
+            return self.weight, self.bias
+        return self.quantized.dequantized_weight(), self.quantized.bias
+
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+        base = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
+        return base + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
 
 
 def parse_lora_targets(targets):
@@ -358,15 +376,24 @@ def parse_lora_targets(targets):
     return names
 
 
-def apply_lora(model, rank, alpha, dropout, targets):
-    """Freeze every weight and put adapters on the target projections of every layer. Returns the model."""
+def apply_lora(model, rank, alpha, dropout, targets, quantize=""):
+    """
+    Freeze every weight and put adapters on the target projections of every layer. Returns the model.
+    quantize 'nf4' or 'int8' (QLoRA) first stores every projection of every block quantized (QuantizedLinear).
+    """
+    if quantize and quantize not in QUANTIZE_KINDS:
+        raise ValueError(f"base_quantize={quantize!r}: expected {' or '.join(QUANTIZE_KINDS)} ('' = none)")
+    names = parse_lora_targets(targets)
     for p in model.parameters():
         p.requires_grad = False
     for layer in model.layers:
-        for target in parse_lora_targets(targets):
-            parent_name, attr = LORA_TARGETS[target].split(".")
+        for path in LORA_TARGETS.values():
+            parent_name, attr = path.split(".")
             parent = getattr(layer, parent_name)
-            setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+            if quantize:
+                setattr(parent, attr, QuantizedLinear(getattr(parent, attr), quantize))
+            if path in (LORA_TARGETS[t] for t in names):
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
     return model
 
 
@@ -374,20 +401,134 @@ def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if ".lora_a" in k or ".lora_b" in k}
 
 
+def plain_linear(weight, bias):
+    """An nn.Linear holding these tensors (trainable again, as a loaded model is)."""
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight.detach().clone(), requires_grad=True)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().clone(), requires_grad=True)
+    return plain
+
+
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its weight (W += scale * B A) and put plain nn.Linear modules back."""
+    """
+    Fold every adapter into its weight (W += scale * B A) and put plain nn.Linear modules back. A QLoRA
+    model's weights are dequantized first: the merged model carries the quantization error of its base.
+    """
     for layer in model.layers:
         for parent in (layer.attention, layer.feed_forward):
             for attr, module in list(parent.named_children()):
                 if isinstance(module, LoRALinear):
-                    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                    plain.weight = nn.Parameter(module.weight + module.scale * (module.lora_b @ module.lora_a),
-                                                requires_grad=True)
-                    if module.bias is not None:
-                        plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=True)
-                    setattr(parent, attr, plain)
+                    weight, bias = module.base_weight_and_bias()
+                    merged = weight + module.scale * (module.lora_b @ module.lora_a)
+                    setattr(parent, attr, plain_linear(merged, bias))
+                elif isinstance(module, QuantizedLinear):
+                    setattr(parent, attr, plain_linear(module.dequantized_weight(), module.bias))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# QLoRA: the frozen base weights stored in 4 bits (NF4) or 8 bits (int8), dequantized in every forward
+
+
+QUANTIZE_KINDS = ("nf4", "int8")
+NF4_BLOCK = 64  # values per absmax scale
+
+
+def nf4_levels():
+    """
+    The 16 NormalFloat4 levels of the QLoRA paper (Dettmers et al. 2023, section 3): quantiles of the standard
+    normal distribution, scaled to [-1, 1], so that each level is about equally likely for normal weights. To
+    have an exact zero, the positive side takes 8 levels from 9 evenly spaced probabilities between p and
+    1/2, the negative side 7 from 8, and the two zeros become one. p = (1 - 1/32 + 1 - 1/30) / 2 keeps the
+    outermost quantile finite; it reproduces the table in the paper's appendix (tests/test_qlora.py checks
+    4 digits).
+    """
+    p = 0.5 * ((1 - 1 / 32) + (1 - 1 / 30))
+    positive = torch.special.ndtri(torch.linspace(p, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(p, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.max()).float()
+
+
+NF4_LEVELS = nf4_levels()
+# byte -> the levels of its two codes (high 4 bits, low 4 bits): one lookup per byte dequantizes two values
+NF4_PAIRS = torch.stack((NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)), dim=-1)
+
+
+def quantize_nf4(weight):
+    """
+    weight (any shape) -> (codes, scales): per block of NF4_BLOCK values (row-major, the last block padded
+    with zeros), scales is the block's absmax (float32) and each value/absmax is rounded to the nearest NF4
+    level; codes are the level indices 0..15, two per uint8 (the first in the high 4 bits).
+    """
+    flat = weight.detach().float().reshape(-1)
+    blocks = F.pad(flat, (0, (-flat.numel()) % NF4_BLOCK)).view(-1, NF4_BLOCK)
+    scales = blocks.abs().amax(dim=1)
+    normalized = blocks / scales.clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]
+    midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]).to(weight.device) / 2
+    codes = torch.bucketize(normalized, midpoints).to(torch.uint8).view(-1)  # the nearest level
+    return (codes[0::2] << 4) | codes[1::2], scales
+
+
+def dequantize_nf4(codes, scales, shape, pairs=NF4_PAIRS):
+    """The float32 tensor of that shape that quantize_nf4's codes and scales stand for."""
+    values = F.embedding(codes.long(), pairs.to(codes.device)).view(-1, NF4_BLOCK) * scales[:, None]
+    return values.view(-1)[:math.prod(shape)].view(shape)
+
+
+def quantize_int8(weight):
+    """weight (out, in) -> (codes int8, scales float32 per row): symmetric, row / (absmax / 127) rounded."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1) / 127
+    codes = torch.round(w / scales.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-127, 127)
+    return codes.to(torch.int8), scales
+
+
+def dequantize_int8(codes, scales):
+    return codes.float() * scales[:, None]
+
+
+class DequantizedMatmul(torch.autograd.Function):
+    """x W^T, W dequantized in the forward and again in the backward: only the codes stay in memory."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # W is frozen: no gradient of its own
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen nn.Linear whose weight is stored quantized (kind 'nf4' or 'int8'), dequantized when used."""
+
+    def __init__(self, base: nn.Linear, kind):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = base.in_features, base.out_features, kind
+        codes, scales = quantize_nf4(base.weight) if kind == "nf4" else quantize_int8(base.weight)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scales", scales)
+        if kind == "nf4":  # not persistent: derived, like the RoPE tables, but it follows the model's device
+            self.register_buffer("pairs", NF4_PAIRS.to(codes.device), persistent=False)
+        self.bias = base.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+    def dequantized_weight(self):
+        if self.kind == "nf4":
+            shape = (self.out_features, self.in_features)
+            return dequantize_nf4(self.weight_codes, self.weight_scales, shape, self.pairs)
+        return dequantize_int8(self.weight_codes, self.weight_scales)
+
+    def forward(self, x):
+        y = DequantizedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,6 +549,7 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
 def count_params(model, non_embedding=False):
     """Unique parameters (a tied head counts once). non_embedding drops the input embedding table."""
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     if non_embedding:
         n -= model.tok_embeddings.weight.numel()
     return n

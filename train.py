@@ -28,8 +28,8 @@ from common import (StopSignals, append_jsonl, check_writable_dir, fail, model_m
                     plot_losses, setup_device)
 from configurator import configure
 from data import Batches
-from model import (ModelArgs, Transformer, apply_lora, configure_optimizer, count_params, flops_per_token,
-                   lora_state_dict, merge_lora)
+from model import (QUANTIZE_KINDS, ModelArgs, Transformer, apply_lora, configure_optimizer, count_params,
+                   flops_per_token, lora_state_dict, merge_lora)
 
 # -----------------------------------------------------------------------------------------------------
 # I/O
@@ -67,11 +67,14 @@ num_epochs = 0.0  # > 0: train this many passes over the training data (sets max
 loss_mask = True  # learn only the assistant's tokens (mask 1); False learns every token of the conversations
 overfit_warning_evals = 3  # warn when val loss rose this many evaluations in a row while train loss fell
 freeze_embeddings = False  # keep the token embedding (and a head tied to it) fixed while fine-tuning
-# LoRA: train low-rank adapters on a frozen model from init_from; checkpoints hold only the adapters
+# LoRA: train low-rank adapters on a frozen model from init_from; checkpoints hold only the adapters.
+# QLoRA is LoRA with --base_quantize=nf4 (or int8): the frozen base held in 4 (8) bits, ~1/7 (1/4) the memory
 lora_rank = 0  # 0 = off (full fine-tuning)
 lora_alpha = 16.0  # adapters are scaled by lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = "q,v"  # any of q, k, v, o (attention), gate, up, down (feed-forward)
+base_quantize = ""  # QLoRA: 'nf4' (4-bit NormalFloat) | 'int8' stores the frozen block weights quantized
+#                    (needs lora_rank > 0; '' = float as loaded); adapters still train in full precision
 # model (when resuming or fine-tuning the checkpoint decides the shape: one given that differs is an error)
 dim = 288
 n_layers = 6
@@ -118,6 +121,11 @@ RESUME_SETTINGS = ("data", "data_dir", "loss_mask", "batch_size", "block_size", 
                    "max_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 EXPLODED_RMS_FACTOR = 1000  # weights whose RMS grew this many times during a run blew up (check_weights)
 prompts = [prompt.strip() for prompt in sample_prompts.split("|") if prompt.strip()]
+
+if base_quantize not in ("",) + QUANTIZE_KINDS:
+    fail(f"base_quantize={base_quantize!r}: expected {' or '.join(QUANTIZE_KINDS)} (or '' for a float base)")
+if base_quantize and not lora_rank:
+    fail(f"base_quantize={base_quantize} quantizes the frozen base of a LoRA run: set --lora_rank > 0 too")
 
 ddp = "RANK" in os.environ  # run by torchrun, which sets RANK, LOCAL_RANK and WORLD_SIZE
 rank, local_rank, world_size = (int(os.environ.get(key, default))
@@ -213,10 +221,15 @@ else:
         if lora_rank and init_from != "resume":
             if "lora" in checkpoint:
                 raise ValueError("it holds LoRA adapters: fine-tune from its base, or merge it first")
-            apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+            apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, base_quantize)
             lora_entries = {"lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
-                                     "targets": lora_targets}, **lora_base_entries(init_from, out_dir)}
+                                     "targets": lora_targets, "base_quantize": base_quantize},
+                            **lora_base_entries(init_from, out_dir)}
         elif init_from == "resume" and "lora" in checkpoint:
+            saved_quantize = checkpoint["lora"].get("base_quantize", "")
+            if "base_quantize" in given_settings and base_quantize != saved_quantize:
+                raise ValueError(f"its base was quantized with base_quantize={saved_quantize!r}, not "
+                                 f"{base_quantize!r}; a resumed run keeps it: leave --base_quantize out")
             lora_entries = {"lora": checkpoint["lora"], **lora_base_entries(
                 checkpoint["base_checkpoint"], out_dir, checkpoint["base_sha256"])}
     except (FileNotFoundError, ValueError) as e:
@@ -276,8 +289,11 @@ if master and init_from != "resume" and not eval_only and os.path.exists(log_pat
     os.remove(log_path)  # a new run starts a new log; a resumed one appends
 n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 if lora_entries:
-    log(f"LoRA rank {lora_rank} on {lora_targets}: {n_trainable:,} trainable parameters "
-        f"({n_trainable / count_params(model):.2%}); base {lora_entries['base_checkpoint']}")
+    lora = lora_entries["lora"]
+    quantized = lora.get("base_quantize", "")
+    log(f"LoRA rank {lora['rank']} on {lora['targets']}: {n_trainable:,} trainable parameters "
+        f"({n_trainable / count_params(model):.2%}); base {lora_entries['base_checkpoint']}"
+        + (f", its block weights stored {quantized} (QLoRA)" if quantized else ""))
 elif freeze_embeddings:
     log(f"embeddings frozen: {n_trainable:,} trainable parameters")
 raw_model = model  # checkpoints always hold this module's weights, never compile's or DDP's wrapped names

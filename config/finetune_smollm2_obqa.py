@@ -8,7 +8,8 @@
 #       # 8,327 train conversations (4,957 + 2,251 + 1,119), val = the three dev splits (1,369); ~90 tokens each
 #   python train.py config/finetune_smollm2_obqa.py
 #   python eval.py --ckpt=$H --tasks=openbookqa --split=val --source=../shared/data --mode=chat --limit=100
-#   python eval.py --ckpt=out/smollm2_obqa/best.pt --tasks=openbookqa --split=val --source=../shared/data --mode=chat --limit=100
+#   python eval.py --ckpt=out/smollm2_obqa/best.pt --tasks=openbookqa --split=val --source=../shared/data \
+#       --mode=chat --limit=100
 #   (--mode=base on both: lm-eval's log-likelihood acc / acc_norm instead of the letter)
 # --split=val is OpenBookQA's dev set (500 questions); its test set is left for a final figure. The mc val split
 # is the same dev sets, so best.pt is chosen on dev val loss: with eval_iters = 2 (16 conversations) and few

@@ -13,7 +13,14 @@
 #       # 360 train / 40 held-out conversations
 #   python train.py config/finetune_smollm2_qa.py
 #   python eval.py --ckpt=out/smollm2_qa/best.pt --tasks=chat:alpaca_qa --compare=$H --max_new_tokens=96
-# Measured here: the evaluation was still running at this commit.
+# Measured here (2-core AMD EPYC AVX2, fp32, shared with two other jobs; one thread, beside the other recipe):
+# 20 steps in 18 min of steps (~55 s/step), holdout val loss 1.82 -> 1.68 (step 20 = best.pt). Holdout of 40,
+# base -> tuned, score +- stderr [95% interval]; paired difference (tuned - base, same items) +- stderr:
+#   exact_match  2.5 +- 2.5 [0.4, 12.9]   ->  2.5 +- 2.5 [0.4, 12.9]    +0.0 +- 3.6
+#   token_f1    25.5 +- 3.6 [18.5, 32.4]  -> 32.4 +- 4.0 [24.7, 40.2]   +7.0 +- 3.4  (better on 20, worse on 13)
+#   rouge_l     23.5 +- 3.6 [16.4, 30.5]  -> 31.5 +- 4.0 [23.6, 39.3]   +8.0 +- 3.0  (better on 23, worse on 10)
+#   perplexity  6.19 +- 0.92 [4.63, 8.27] -> 5.39 +- 0.77 [4.08, 7.13]  x0.871 (log -0.138 +- 0.018; 35 better)
+# The eval: 15.5 min for both models (greedy answers of up to 96 tokens, ~0.1 answers/s here).
 import os as _os  # noqa: E402 (a leading underscore: not a setting)
 
 out_dir = "out/smollm2_qa"

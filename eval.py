@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from checkpoint import checkpoint_in, checkpoint_prefix, load_checkpoint
+from checkpoint import absolute_checkpoint_path, checkpoint_in, checkpoint_prefix, load_checkpoint
 from common import Progress, fail, plot_eval_scores, progress_bar, read_jsonl, setup_device
 from configurator import configure
 from data import open_tokens, read_meta
@@ -1185,7 +1185,7 @@ def main():
         if other_tokenizer.sha256 != tokenizer.sha256:
             raise EvalError(f"--compare={compare}: its tokenizer is not {ckpt_path}'s; a paired comparison "
                             "scores both checkpoints on the same tokens")
-        other = {"checkpoint": os.path.abspath(compare), "step": other_checkpoint.get("iter_num"),
+        other = {"checkpoint": absolute_checkpoint_path(compare), "step": other_checkpoint.get("iter_num"),
                  "model": other_model}
     eval_mode = mode if mode != "auto" else ("chat" if checkpoint.get("data_format") == "chat" else "base")
     step = checkpoint.get("iter_num")
@@ -1215,10 +1215,15 @@ def main():
     prefix = checkpoint_prefix(ckpt_path)
     if prefix:  # an imported model (hf: or gguf:): its results go to out_dir, not into its folder
         folder = out_dir
-        name = prefix[:-1] + "_" + os.path.splitext(os.path.basename(os.path.normpath(ckpt_path[len(prefix):])))[0]
-    result_path = results_file or os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split}.json")
-    result = {"checkpoint": ckpt_path if prefix else os.path.abspath(ckpt_path), "step": step,
-              "tokens_seen": checkpoint.get("tokens_seen"), "mode": eval_mode, "split": split, "limit": limit,
+        name = os.path.splitext(os.path.basename(os.path.normpath(ckpt_path[len(prefix):])))[0]
+        name = prefix[:-1] + "_" + name
+    # chat:NAME tasks score their source's holdout (val) whatever --split says
+    split_label = "val" if all(t.startswith("chat:") for t in task_list) else split
+    result_path = results_file or \
+        os.path.join(folder, f"eval_{name}_step{step}_{eval_mode}_{split_label}.json")
+    result = {"checkpoint": absolute_checkpoint_path(ckpt_path), "step": step,
+              "tokens_seen": checkpoint.get("tokens_seen"), "mode": eval_mode, "split": split_label,
+              "limit": limit,
               "num_fewshot": num_fewshot, "compare": other and other["checkpoint"],
               "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "seconds": round(time.time() - t_start, 2),

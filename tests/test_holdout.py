@@ -219,7 +219,8 @@ def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
     result = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=chat:qa", f"--compare={paths['base']}",
                        "--limit=3", "--max_new_tokens=12", "--num_threads=1")
     assert "chat:qa: " in result.stdout and "difference, this - other" in result.stdout
-    saved = json.loads((tmp_path / "ft" / "eval_best_step20_chat_test.json").read_text())
+    saved = json.loads((tmp_path / "ft" / "eval_best_step20_chat_val.json").read_text())  # the holdout: val
+    assert saved["split"] == "val"
     task = saved["tasks"]["chat:qa"]
     assert task["n"] == 3 and [item["reference"] for item in task["items"]] == REFERENCES[:3]
     assert task["compare"]["checkpoint"] == str(paths["base"]) and task["compare"]["step"] == 10

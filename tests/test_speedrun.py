@@ -18,7 +18,7 @@ PRESET_CONFIGS = {"tokenizer.py": "prepare/tokenizer.py", "tinystories.py": "pre
                   "sft.py": "train.py", "rl.py": "rl.py", "eval.py": "eval.py"}
 
 
-def speedrun(*args, env=None, timeout=600):
+def speedrun(*args, env=None, timeout=1800):  # generous: the suite runs two files at once
     full_env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("PRESET", None)
     return subprocess.run(["bash", "speedrun.sh", *map(str, args)], cwd=REPO, capture_output=True, text=True,

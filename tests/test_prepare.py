@@ -421,7 +421,7 @@ def test_nothing_reads_data_from_beside_the_repository():
 def file_server(tmp_path):
     """
     (base URL, folder it serves, log) of an HTTP server on 127.0.0.1 that honours Range requests, as the dataset
-    hosts do (Python's own handler does not). log holds each request's Range header and the bytes sent; with
+    hosts do (Python's own handler does not). log holds each request's Range header and the bytes its responses carried; with
     log["honour_range"] = False it ignores Range, as some mirrors do.
     """
     root = tmp_path / "served"
@@ -453,9 +453,10 @@ def file_server(tmp_path):
                 self.send_response(200)
             self.send_header("Content-Length", str(end - start))
             self.end_headers()
+            # counted before the write: the client may read the last byte and go on before this thread runs again
+            log["sent"] += end - start
             try:
                 self.wfile.write(data[start:end])
-                log["sent"] += end - start
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client stopped reading: a byte cap on a stream
 

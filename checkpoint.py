@@ -303,10 +303,15 @@ def read_hf_checkpoint(folder):
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size "
                          f"is {args.vocab_size}")
+    return imported_checkpoint(args, state, tokenizer, f"hf:{folder}")
+
+
+def imported_checkpoint(args, state, tokenizer, source):
+    """The checkpoint dict of an imported model (hf: or gguf:), shaped like one train.py writes at step 0."""
     return {"model_args": asdict(args), "model": state, "tokenizer": tokenizer.to_json(),
             "tokenizer_sha256": tokenizer.sha256, "iter_num": 0,
             "data_format": "text" if tokenizer.chat_format == "none" else "chat",
-            "config": {"init_from": f"hf:{folder}"}}
+            "config": {"init_from": source}}
 
 
 def hf_config(args, tokenizer):
@@ -608,10 +613,7 @@ def read_gguf_checkpoint(path):
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
                          f"is {args.vocab_size}")
-    return {"model_args": asdict(args), "model": state, "tokenizer": tokenizer.to_json(),
-            "tokenizer_sha256": tokenizer.sha256, "iter_num": 0,
-            "data_format": "text" if tokenizer.chat_format == "none" else "chat",
-            "config": {"init_from": f"gguf:{path}"}}
+    return imported_checkpoint(args, state, tokenizer, f"gguf:{path}")
 
 
 def model_args_from_dict(d, source="checkpoint"):

@@ -287,14 +287,18 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
+def train_and_eval_records(log_path):
+    """(the per-step records, the per-evaluation records) of a stage's log.jsonl."""
+    records = read_jsonl(log_path)
+    return [r for r in records if r["type"] == "train"], [r for r in records if r["type"] == "eval"]
+
+
 def plot_losses(log_path, png_path, title):
     """train.py's loss.png from its log.jsonl: the loss per logged step, train and val loss per evaluation."""
     plt = pyplot()
     if plt is None:
         return
-    records = read_jsonl(log_path)
-    steps = [r for r in records if r["type"] == "train"]
-    evals = [r for r in records if r["type"] == "eval"]
+    steps, evals = train_and_eval_records(log_path)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if steps:
         ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6,
@@ -315,9 +319,7 @@ def plot_rewards(log_path, png_path, title, max_reward=1.0):
     plt = pyplot()
     if plt is None:
         return
-    records = read_jsonl(log_path)
-    steps = [r for r in records if r["type"] == "train"]
-    evals = [r for r in records if r["type"] == "eval"]
+    steps, evals = train_and_eval_records(log_path)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if steps:
         iters, rewards = [r["iter"] for r in steps], [r["mean_reward"] for r in steps]

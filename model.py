@@ -222,9 +222,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, kv_cache=None, loss_reduction="mean"):
         """
-        tokens (B, T) -> logits (B, T, vocab_size), and the cross-entropy loss when targets are given.
+        tokens (B, T) -> (logits (B, T, vocab_size), None); with targets, (None, the cross-entropy loss).
         targets == -1 are ignored (masked out). loss_reduction: 'mean' over counted targets, 'sum', or
         'none' for a (B, T) tensor of per-token losses (0 where ignored).
+        With targets the output layer runs only at the positions whose target counts: it is a fifth of a
+        small model's work per token, and chat data trains only the assistant's tokens (a multiple-choice
+        conversation: 2 of ~90), so the logits are not returned then.
         With a kv_cache, tokens continue at position kv_cache.pos, and the cache advances by T.
         """
         B, T = tokens.shape
@@ -237,14 +240,15 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.output(self.norm(h))
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction="none" if loss_reduction == "none" else loss_reduction)
+            return self.output(self.norm(h)), None
+        counted = targets.reshape(-1) != -1
+        logits = self.output(self.norm(h.reshape(B * T, -1)[counted]))
+        loss = F.cross_entropy(logits.float(), targets.reshape(-1)[counted],
+                               reduction="none" if loss_reduction == "none" else loss_reduction)
         if loss_reduction == "none":
-            loss = loss.view(B, T)
-        return logits, loss
+            loss = torch.zeros(B * T, dtype=loss.dtype, device=loss.device).masked_scatter(counted, loss).view(B, T)
+        return None, loss
 
     # ------------------------------------------------------------------------------------------------
     # generation

@@ -303,6 +303,7 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 flops_per_token_at_block = flops_per_token(model_args, block_size)
+head_flops_per_token = 6 * model_args.dim * model_args.vocab_size  # skipped where no target counts (model.forward)
 # MFU's peak: on a CPU measured for this model's own matmuls (common.peak_flops says why)
 peak_flops_per_device = peak_flops(device, dtype, model_matmul_shapes(raw_model, batch_size * block_size)) \
     if master else 1.0
@@ -555,7 +556,8 @@ while True:
     if iter_num % log_interval == 0 or iter_num == start_iter + 1:
         ms_per_iter = dt * 1000
         tokens_per_sec = step_tokens / dt
-        mfu = flops_per_token_at_block * step_tokens / world_size / dt / peak_flops_per_device
+        step_flops = flops_per_token_at_block * step_tokens - head_flops_per_token * (step_tokens - n_targets.item())
+        mfu = step_flops / world_size / dt / peak_flops_per_device
         # the mean step time of this run so far, plus the evaluations still to come
         evals_left = (max_iters - 1) // eval_interval - (iter_num - 1) // eval_interval + 1  # + the final one
         eta_s = (max_iters - iter_num) * train_time / (iter_num - start_iter) + evals_left * eval_seconds

@@ -56,6 +56,31 @@ def test_causality_later_tokens_never_change_earlier_logits():
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
+def test_loss_from_the_counted_positions_equals_the_loss_from_every_logit():
+    # forward() runs the output layer only where a target counts; loss and gradients must not change
+    model = random_model(dim=32, n_heads=2, n_kv_heads=2)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 300, (3, 12))
+    targets = torch.randint(0, 300, (3, 12))
+    targets[0, :7] = -1  # a prompt, as in chat data
+    targets[2, 5] = -1
+    for reduction in ("mean", "sum", "none"):
+        model.zero_grad()
+        logits, _ = model(tokens)
+        expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                                     ignore_index=-1, reduction=reduction)
+        expected = expected.view(3, 12) if reduction == "none" else expected
+        expected.sum().backward()
+        expected_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        returned_logits, loss = model(tokens, targets, loss_reduction=reduction)
+        assert returned_logits is None and loss.shape == expected.shape
+        assert torch.allclose(loss, expected, atol=1e-5)
+        loss.sum().backward()
+        for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+            assert torch.allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_kv_cache_forward_equals_full_recomputation(n_kv_heads):
     model = random_model(n_kv_heads=n_kv_heads)

@@ -54,7 +54,9 @@ calculator on, at most max_new_tokens) given every token before that answer, and
 The reference is the answer's text; tool calls in it, and in the model's answers, read <<expression=result>>.
 --compare=CKPT scores a second checkpoint (e.g. the base model) on the same items and adds, per metric, the
 mean paired difference (this checkpoint minus the other) and its standard error over items; for perplexity the
-difference of log-perplexities (its exp is the ratio of the two perplexities).
+difference of log-perplexities (its exp is the ratio of the two perplexities). Multiple-choice tasks pair the
+same way (acc, acc_norm: right or wrong per question), e.g. a fine-tune against its base on OpenBookQA:
+    python eval.py --ckpt=out/smollm2_obqa/ckpt.pt --tasks=openbookqa --split=val --compare=hf:DIR
 
 Every score comes with its standard error (lm-evaluation-harness's: sample std / sqrt(n)), a 95% interval
 (Wilson), the random baseline (1 / number of choices, averaged over items) and whether the score is above that
@@ -112,7 +114,8 @@ bpb_data = ""  # the token source whose val split bpb is measured on;
 #                empty = the (first) source of the checkpoint
 batch_size = 16  # sequences per forward pass (multiple choice and bpb)
 max_new_tokens = 256  # GSM8K and chat:NAME: most tokens generated per answer (lm-eval's max_gen_toks)
-compare = ""  # chat:NAME: a second checkpoint scored on the same items, with the paired difference per metric
+compare = ""  # chat:NAME and multiple choice: a second checkpoint scored on the same items, with the paired
+#               difference per metric
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"  # 'auto' = bfloat16 on a GPU that has it (float16 on older ones), float32 elsewhere
 num_threads = 0  # CPU threads for torch; 0 = torch's default
@@ -549,6 +552,7 @@ def evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_si
         correct.append(int(pred == record["answer"]))
         correct_norm.append(int(pred_norm == record["answer"]))
         items.append({"id": record.get("id"), "answer": record["answer"], "pred": pred, "pred_norm": pred_norm,
+                      "acc": correct[-1], "acc_norm": correct_norm[-1],
                       "loglikelihoods": [round(x, 4) for x in lls]})
     chances = [1.0 / len(r["choices"]) for r in records]
     metrics = {"acc": proportion_score(correct, chances), "acc_norm": proportion_score(correct_norm, chances)}
@@ -559,7 +563,8 @@ def evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size):
     """Chat model: acc, the letter it answers."""
     predictions = letter_predictions(model, tokenizer, records, batch_size, label=task)
     correct = [int(p == r["answer"]) for p, r in zip(predictions, records)]
-    items = [{"id": r.get("id"), "answer": r["answer"], "pred": p} for r, p in zip(records, predictions)]
+    items = [{"id": r.get("id"), "answer": r["answer"], "pred": p, "acc": c}
+             for r, p, c in zip(records, predictions, correct)]
     return {"acc": proportion_score(correct, [1.0 / len(r["choices"]) for r in records])}, items
 
 
@@ -819,7 +824,7 @@ def holdout_metrics(scored, vocab_size):
             "rouge_l": mean_score([s["rouge_l"] for s in scored]), "perplexity": perplexity}
 
 
-def paired_differences(scored, other):
+def paired_differences(scored, other, metrics):
     """
     This checkpoint's scores minus the other's on the same items: the mean per-item difference and its
     standard error over items. The items' own difficulty, shared by both models, cancels, so the error is
@@ -827,12 +832,16 @@ def paired_differences(scored, other):
     tokens), whose exp is the ratio of the perplexities.
     """
     differences = {}
-    for metric in ("exact_match", "token_f1", "rouge_l"):
+    for metric in metrics:
+        if metric == "perplexity":
+            continue
         d = [a[metric] - b[metric] for a, b in zip(scored, other)]
         value, stderr = ratio_estimate(d, [1] * len(d))
         differences[metric] = {"value": value, "stderr": stderr, "n": len(d),
                                "ci95": interval95(value, stderr),
                                "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+    if "perplexity" not in metrics:
+        return differences
     d = [a["answer_nats"] - b["answer_nats"] for a, b in zip(scored, other)]
     value, stderr = ratio_estimate(d, [s["answer_tokens"] for s in scored])
     differences["log_perplexity"] = {"value": value, "stderr": stderr, "n": len(d),
@@ -1104,7 +1113,7 @@ def run_holdout(task, model, tokenizer, checkpoint, other=None):
         other_scored = score_holdout(other["model"], tokenizer, items, f"{task} (compare)")
         result["compare"] = {"checkpoint": other["checkpoint"], "step": other["step"],
                              "metrics": holdout_metrics(other_scored, tokenizer.vocab_size),
-                             "differences": paired_differences(scored, other_scored)}
+                             "differences": paired_differences(scored, other_scored, result["metrics"])}
         if save_items:
             result["compare"]["items"] = [{k: s[k] for k in ("id", "prediction", "exact_match", "token_f1",
                                                              "rouge_l", "answer_nats", "perplexity")}
@@ -1114,8 +1123,11 @@ def run_holdout(task, model, tokenizer, checkpoint, other=None):
     return result
 
 
-def run_task(task, model, tokenizer, eval_mode):
-    """One benchmark: its records, few-shot prompts (base models), scores and each item's prediction."""
+def run_task(task, model, tokenizer, eval_mode, other=None):
+    """
+    One benchmark: its records, few-shot prompts (base models), scores and each item's prediction.
+    other: {"checkpoint", "step", "model"} of --compare (multiple choice), scored on the same prompts.
+    """
     entry = task_entry(task)
     task_split = entry["test_split"] if split == "test" else split
     try:
@@ -1137,14 +1149,21 @@ def run_task(task, model, tokenizer, eval_mode):
                 raise EvalError(f"{task}: {k}-shot takes its examples from the {entry['fewshot_split']} split: "
                                 f"{e}; or use --num_fewshot=0") from None
         contexts = fewshot_contexts(task, records, pool, k, fewshot_seed, entry["fewshot_split"] == task_split)
-    if entry["kind"] == "answer":
-        metrics, items = evaluate_answers(task, model, tokenizer, records, contexts, eval_mode == "chat",
-                                          max_new_tokens)
-    elif eval_mode == "chat":
-        metrics, items = evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size)
-    else:
-        metrics, items = evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size)
+    def evaluate(model):
+        if entry["kind"] == "answer":
+            return evaluate_answers(task, model, tokenizer, records, contexts, eval_mode == "chat", max_new_tokens)
+        if eval_mode == "chat":
+            return evaluate_multiple_choice_chat(task, model, tokenizer, records, batch_size)
+        return evaluate_multiple_choice(task, model, tokenizer, records, contexts, batch_size)
+
+    metrics, items = evaluate(model)
     result = {"split": task_split, "num_fewshot": k, "n": len(records), "metrics": metrics}
+    if other:
+        other_metrics, other_items = evaluate(other["model"])
+        result["compare"] = {"checkpoint": other["checkpoint"], "step": other["step"], "metrics": other_metrics,
+                             "differences": paired_differences(items, other_items, metrics)}
+        if save_items:
+            result["compare"]["items"] = other_items
     if save_items:
         result["items"] = items
     return result
@@ -1164,10 +1183,10 @@ def main():
         raise EvalError("limit must be >= 0 and batch_size >= 1")
     if source and not os.path.isdir(source):
         raise EvalError(f"source={source!r} is not a folder; expected one laid out like prepare/sample")
-    if compare and any(entry["kind"] != "holdout" for entry in entries.values()):
-        others = [t for t, e in entries.items() if e["kind"] != "holdout"]
-        raise EvalError(f"--compare scores a second checkpoint on the items of chat:NAME tasks only, not "
-                        f"{', '.join(others)}; for benchmarks, evaluate each checkpoint and compare their "
+    if compare and any(entry["kind"] not in ("holdout", "choice") for entry in entries.values()):
+        others = [t for t, e in entries.items() if e["kind"] not in ("holdout", "choice")]
+        raise EvalError(f"--compare scores a second checkpoint on the items of chat:NAME and multiple-choice "
+                        f"tasks, not {', '.join(others)}; for those, evaluate each checkpoint and compare their "
                         "rows in eval_report.md")
 
     ckpt_path = ckpt or checkpoint_in(out_dir)
@@ -1202,7 +1221,7 @@ def main():
             elif entry["kind"] == "holdout":
                 results[task] = run_holdout(task, model, tokenizer, checkpoint, other)
             else:
-                results[task] = run_task(task, model, tokenizer, eval_mode)
+                results[task] = run_task(task, model, tokenizer, eval_mode, other)
         if "skipped" in results[task]:
             print(f"{task}: skipped: {results[task]['skipped']}", file=sys.stderr)
         results[task]["seconds"] = round(time.time() - t0, 2)

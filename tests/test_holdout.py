@@ -165,9 +165,10 @@ def test_paired_difference_of_a_checkpoint_with_itself_is_zero_and_otherwise_the
          for e, f, r, n, t in [(1, 1.0, 1.0, 2.0, 4), (0, 0.5, 0.4, 9.0, 3), (0, 0.0, 0.2, 7.0, 5)]]
     b = [{**x, "exact_match": 0, "rouge_l": x["rouge_l"] / 2, "answer_nats": x["answer_nats"] + 1.2}
          for x in a]
-    same = ev.paired_differences(a, a)
+    holdout = ("exact_match", "token_f1", "rouge_l", "perplexity")
+    same = ev.paired_differences(a, a, holdout)
     assert all(d["value"] == 0 and d["stderr"] == 0 and d["better"] == d["worse"] == 0 for d in same.values())
-    d = ev.paired_differences(a, b)
+    d = ev.paired_differences(a, b, holdout)
     assert d["exact_match"]["value"] == pytest.approx(1 / 3) and d["exact_match"]["better"] == 1
     diffs = [0.5, 0.2, 0.1]  # rouge_l: the mean of the per-item differences, stderr = sample std / sqrt(n)
     mean = sum(diffs) / 3
@@ -233,10 +234,43 @@ def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
     report = (tmp_path / "ft" / "eval_report.md").read_text()
     assert "chat:qa rouge_l" in report and "chat:qa perplexity" in report
     assert f"best.pt (step 20) vs {paths['base']} (step 10), chat:qa, 3 items: exact_match" in report
-    # --compare pairs items of chat:NAME tasks only
-    bad = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy,chat:qa",
+    # --compare pairs items of chat:NAME and multiple-choice tasks, not generated maths or bpb
+    bad = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy,gsm8k,chat:qa,bpb",
                     f"--compare={paths['base']}", check=False)
-    assert bad.returncode == 1 and "chat:NAME tasks only, not arc_easy" in bad.stderr
+    assert bad.returncode == 1 and "multiple-choice tasks, not gsm8k, bpb" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["base", "chat"])
+def test_eval_cli_compares_two_checkpoints_on_the_same_multiple_choice_questions(tmp_path, mode):
+    paths = {}
+    for name, seed in (("base", 1), ("ft", 2)):
+        model = random_model(seed=seed, vocab_size=TOKENIZER.vocab_size, max_seq_len=256)
+        paths[name] = tmp_path / name / "best.pt"
+        save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(),
+                         "tokenizer": TOKENIZER.to_json(), "data_format": "chat", "iter_num": seed * 10},
+                        str(paths[name]))
+    run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy", f"--compare={paths['base']}",
+              "--source=prepare/sample", "--split=val", "--limit=12", f"--mode={mode}", "--num_threads=1")
+    task = json.loads((tmp_path / "ft" / f"eval_best_step20_{mode}_val.json").read_text())["tasks"]["arc_easy"]
+    other = task["compare"]
+    assert other["step"] == 10 and len(other["items"]) == len(task["items"]) == 12
+    assert [a["id"] for a in task["items"]] == [b["id"] for b in other["items"]]
+    for metric in ("acc", "acc_norm") if mode == "base" else ("acc",):
+        key = "pred" if metric == "acc" else "pred_norm"
+        this_right = [int(item[key] == item["answer"]) for item in task["items"]]
+        other_right = [int(item[key] == item["answer"]) for item in other["items"]]
+        assert task["metrics"][metric]["correct"] == sum(this_right)
+        assert other["metrics"][metric]["correct"] == sum(other_right)
+        d = other["differences"][metric]
+        assert d["value"] == pytest.approx((sum(this_right) - sum(other_right)) / 12)
+        assert d["better"] == sum(a > b for a, b in zip(this_right, other_right))
+        assert d["worse"] == sum(a < b for a, b in zip(this_right, other_right))
+    # the same checkpoint on both sides: nothing differs
+    run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy", f"--compare={paths['ft']}",
+              "--source=prepare/sample", "--split=val", "--limit=12", f"--mode={mode}", "--num_threads=1",
+              f"--results_file={tmp_path / 'self.json'}")
+    same = json.loads((tmp_path / "self.json").read_text())["tasks"]["arc_easy"]["compare"]["differences"]
+    assert all(d["value"] == 0 and d["better"] == d["worse"] == 0 for d in same.values())
 
 
 def test_report_card_has_a_holdout_row_and_sfts_paired_change(tmp_path):

@@ -8,9 +8,14 @@ Evaluation sets, normalized to the records of docs/formats.md, one JSONL file pe
     python prepare/tasks.py                                   # all tasks, from the official sources
     python prepare/tasks.py --source=path/to/copy             # a local copy laid out like prepare/sample
     python prepare/tasks.py --tasks=arc_easy,gsm8k --out=data/tasks
+    python prepare/tasks.py --tasks=openbookqa,arc_easy,arc_challenge --source=sample --as_text=mc_text \
+        --tokenizer=hf:DIR                                    # also a text source of the right answers (below)
 
 Writes data/tasks/<task>/<split>.jsonl (splits: train, val, test and MMLU's dev; whichever the source has).
-eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT. A line ends
+eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT. --as_text=NAME
+also writes the multiple-choice questions as a text source <data_dir>/NAME for train.py: each question one
+document, the prompt eval.py scores in base mode followed by the right answer (train: the train splits, val:
+the val splits), so that a fine-tune learns exactly what base-mode evaluation measures. A line ends
 at '\\n' only: U+2028, U+2029 and U+0085 inside the text are written as JSON escapes, so that no reader that
 splits lines the way str.splitlines does can cut a record in two.
 """
@@ -27,12 +32,17 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
-from prepare.common import download, local_source, output_dir, read_text, written_aside  # noqa: E402
+from prepare.common import (download, load_tokenizer, local_source, output_dir, read_text,  # noqa: E402
+                            write_text_splits, written_aside)
 
 # -----------------------------------------------------------------------------------------------------
 tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k"  # comma-separated
 source = ""  # 'sample' (prepare/sample), a folder laid out like it (or holding the official archives); empty = download
 out = "data/tasks"  # output folder: <out>/<task>/<split>.jsonl
+as_text = ""  # also write the multiple-choice questions as this text source: <data_dir>/<as_text>/{train,val}.bin
+tokenizer = "data/tokenizer.json"  # as_text: the tokenizer file, or 'gpt2', 'bytes' or 'hf:DIR'
+data_dir = "data"  # as_text: the folder of prepared sources
+num_proc = max(1, min(8, os.cpu_count() or 1))  # as_text: processes that tokenize
 # -----------------------------------------------------------------------------------------------------
 
 OPENBOOKQA_URL = "https://ai2-public-datasets.s3.amazonaws.com/open-book-qa/OpenBookQA-V1-Sep2018.zip"
@@ -240,11 +250,22 @@ def json_line(record):
     return text + "\n"
 
 
+def answer_documents(task, records):
+    """Multiple-choice records as the text eval.py scores in base mode: the task's prompt, a space, the right answer."""
+    import eval  # its TASKS table: the prompts are the evaluation's own, so training and scoring cannot drift
+    entry = eval.TASKS[task]
+    return [entry["prompt"](r) + " " + entry["target"](r) for r in records if r["answer"] >= 0]
+
+
 def main():
     folder = local_source(source)
     if folder and not os.path.isdir(folder):
         fail(f"--source {source}: no such folder (expected 'sample' or a folder laid out like prepare/sample, see "
              "its MANIFEST.md; empty downloads the official files)")
+    if as_text and "gsm8k" in tasks.split(","):
+        fail("--as_text writes multiple-choice questions with their right answer; leave gsm8k out of --tasks "
+             "(prepare/chat.py gsm8k renders it as conversations with calculator calls)")
+    documents = {"train": [], "val": []}
     written = 0
     for task in tasks.split(","):
         if task not in TASKS:
@@ -269,9 +290,18 @@ def main():
         for split, records in found.items():
             print(f"{task:14s} {split:5s} {len(records):6d} records -> {os.path.join(task_dir, split + '.jsonl')}")
         written += 1
+        # MMLU has no train split: its few-shot 'dev' examples are the ones to learn from
+        for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
+            documents[split] += answer_documents(task, found.get(task_split, []))
     if not written:
         fail(f"--source {source}: none of the tasks {tasks} has a file in it (see prepare/sample/MANIFEST.md for "
              "the layout)")
+    if as_text:
+        if not documents["train"] or not documents["val"]:
+            fail(f"--as_text: the tasks {tasks} have no " + ("train" if not documents["train"] else "val") +
+                 f" questions in {folder or 'the download'}")
+        write_text_splits(output_dir("", data_dir, as_text), load_tokenizer(tokenizer), documents, source=as_text,
+                          num_proc=num_proc)
 
 
 if __name__ == "__main__":

@@ -700,3 +700,25 @@ def test_text_script_without_input_names_a_flag_it_has(tmp_path):
     result = run_stage("prepare/text.py", check=False)
     assert result.returncode == 1 and "--source=" in result.stderr
     assert "--source=" in run_stage("prepare/text.py", "--help").stdout
+
+
+def test_as_text_writes_each_question_as_the_prompt_eval_scores_and_its_right_answer(tmp_path):
+    import eval as ev
+    run_stage("prepare/tasks.py", "--source=sample", "--tasks=openbookqa,arc_easy", f"--out={tmp_path}/tasks",
+              "--as_text=mc_text", "--tokenizer=bytes", f"--data_dir={tmp_path}", "--num_proc=1")
+    folder = str(tmp_path / "mc_text")
+    meta = read_meta(folder)
+    assert meta["format"] == "text"
+    tok = Tokenizer.byte_level()
+    for split in ("train", "val"):
+        expected = [ev.TASKS[task]["prompt"](r) + " " + ev.TASKS[task]["target"](r)
+                    for task in ("openbookqa", "arc_easy") for r in load_task(task, split, SAMPLE_DATA)]
+        assert meta["splits"][split]["documents"] == len(expected) > 0
+        tokens = np.asarray(open_tokens(folder, split, meta)).tolist()
+        documents = [tok.decode(tokens[start:end]) for start, end in
+                     zip([i + 1 for i, t in enumerate(tokens) if t == tok.bos_id],
+                         [i for i, t in enumerate(tokens) if t == tok.bos_id][1:] + [len(tokens)])]
+        assert documents == expected  # e.g. "Question: ...\nAnswer: <the right choice>"
+    bad = run_stage("prepare/tasks.py", "--source=sample", "--tasks=openbookqa,gsm8k", f"--out={tmp_path}/t2",
+                    "--as_text=x", "--tokenizer=bytes", f"--data_dir={tmp_path}", check=False)
+    assert bad.returncode == 1 and "leave gsm8k out of --tasks" in bad.stderr.strip().splitlines()[-1]

@@ -290,9 +290,9 @@ def main():
         for split, records in found.items():
             print(f"{task:14s} {split:5s} {len(records):6d} records -> {os.path.join(task_dir, split + '.jsonl')}")
         written += 1
-        # MMLU has no train split: its few-shot 'dev' examples are the ones to learn from
-        for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
-            documents[split] += answer_documents(task, found.get(task_split, []))
+        if as_text:  # MMLU has no train split: its few-shot 'dev' examples are the ones to learn from
+            for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
+                documents[split] += answer_documents(task, found.get(task_split, []))
     if not written:
         fail(f"--source {source}: none of the tasks {tasks} has a file in it (see prepare/sample/MANIFEST.md for "
              "the layout)")

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -654,6 +655,9 @@ if __name__ == "__main__":
               f"{address}/v1/models as model {name!r}; Ctrl-C stops", file=sys.stderr)
         if host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {host}: anyone who can reach port {port} can use this model", file=sys.stderr)
+        # Ctrl-C (SIGINT) stops the server, also when a script started it in the background: a shell without job
+        # control starts background commands with SIGINT ignored, and Python then never raises KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

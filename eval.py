@@ -1149,6 +1149,7 @@ def run_task(task, model, tokenizer, eval_mode, other=None):
                 raise EvalError(f"{task}: {k}-shot takes its examples from the {entry['fewshot_split']} split: "
                                 f"{e}; or use --num_fewshot=0") from None
         contexts = fewshot_contexts(task, records, pool, k, fewshot_seed, entry["fewshot_split"] == task_split)
+
     def evaluate(model):
         if entry["kind"] == "answer":
             return evaluate_answers(task, model, tokenizer, records, contexts, eval_mode == "chat", max_new_tokens)

@@ -209,14 +209,20 @@ def test_sources_without_holdout_are_skipped_with_what_to_do(tmp_path, monkeypat
         ev.task_entry("chat:")
 
 
-def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
+def base_and_fine_tuned_checkpoints(tmp_path, max_seq_len, config=None):
+    """Two random chat checkpoints, tmp_path/base/best.pt (step 10) and tmp_path/ft/best.pt (step 20)."""
     paths = {}
     for name, seed in (("base", 1), ("ft", 2)):
-        model = random_model(seed=seed, vocab_size=TOKENIZER.vocab_size, max_seq_len=128)
+        model = random_model(seed=seed, vocab_size=TOKENIZER.vocab_size, max_seq_len=max_seq_len)
         paths[name] = tmp_path / name / "best.pt"
         save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(),
                          "tokenizer": TOKENIZER.to_json(), "data_format": "chat", "iter_num": seed * 10,
-                         "config": {"data_dir": str(qa_dir)}}, str(paths[name]))
+                         **({"config": config} if config else {})}, str(paths[name]))
+    return paths
+
+
+def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
+    paths = base_and_fine_tuned_checkpoints(tmp_path, 128, config={"data_dir": str(qa_dir)})
     result = run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=chat:qa", f"--compare={paths['base']}",
                        "--limit=3", "--max_new_tokens=12", "--num_threads=1")
     assert "chat:qa: " in result.stdout and "difference, this - other" in result.stdout
@@ -242,13 +248,7 @@ def test_eval_cli_compares_two_checkpoints_on_the_same_items(qa_dir, tmp_path):
 
 @pytest.mark.parametrize("mode", ["base", "chat"])
 def test_eval_cli_compares_two_checkpoints_on_the_same_multiple_choice_questions(tmp_path, mode):
-    paths = {}
-    for name, seed in (("base", 1), ("ft", 2)):
-        model = random_model(seed=seed, vocab_size=TOKENIZER.vocab_size, max_seq_len=256)
-        paths[name] = tmp_path / name / "best.pt"
-        save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(),
-                         "tokenizer": TOKENIZER.to_json(), "data_format": "chat", "iter_num": seed * 10},
-                        str(paths[name]))
+    paths = base_and_fine_tuned_checkpoints(tmp_path, 256)
     run_stage("eval.py", f"--ckpt={paths['ft']}", "--tasks=arc_easy", f"--compare={paths['base']}",
               "--source=prepare/sample", "--split=val", "--limit=12", f"--mode={mode}", "--num_threads=1")
     task = json.loads((tmp_path / "ft" / f"eval_best_step20_{mode}_val.json").read_text())["tasks"]["arc_easy"]

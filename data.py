@@ -3,7 +3,10 @@ Token files and batches, for every stage. A prepared source is a folder:
 
     data/<name>/train.bin, val.bin        uint16 tokens (uint32 when the vocabulary exceeds 65,536), every
                                           document starting with <|bos|>; read through np.memmap
-    data/<name>/train.mask.bin, ...       uint8 loss mask, chat data only: 1 where the model learns the token
+    data/<name>/train.mask.bin, ...       uint8 loss mask, chat and choice data: 1 where the model learns the
+                                          token (choice data: the tokens of the choice a row scores)
+    data/<name>/train.choices.bin, ...    uint8 pairs, choice data only: per question its number of choices (its
+                                          rows, one document each) and the index of the right one
     data/<name>/meta.json                 tokenizer identity, dtype, token and byte counts per split, source,
                                           format
     data/<name>/tokenizer.json            a copy of the tokenizer file, so the folder stands on its own
@@ -46,6 +49,39 @@ def read_meta(source_dir):
 
 def token_file_path(source_dir, split, mask=False):
     return f"{source_dir}/{split}.mask.bin" if mask else f"{source_dir}/{split}.bin"
+
+
+def choices_file_path(source_dir, split):
+    return f"{source_dir}/{split}.choices.bin"
+
+
+def read_choices(source_dir, split, n_rows):
+    """
+    A choice source's questions: (first row, number of choices, right choice) arrays from <split>.choices.bin,
+    checked against the split's rows (documents): the questions' choices must add up to them, and every answer
+    must be one of its question's choices.
+    """
+    path = choices_file_path(source_dir, split)
+    try:
+        pairs = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: choice data has one beside each {split}.bin "
+                                "(prepare/tasks.py --as_choices writes them)") from None
+    if len(pairs) == 0 or len(pairs) % 2:
+        raise ValueError(f"{path}: {len(pairs)} bytes is not a list of (choices, answer) pairs: prepare this "
+                         "source again")
+    n_choices, answers = pairs[0::2].astype(np.int64), pairs[1::2].astype(np.int64)
+    if int(n_choices.sum()) != n_rows:
+        raise ValueError(f"{path}: its {len(n_choices):,} questions have {int(n_choices.sum()):,} choices, but "
+                         f"{split}.bin has {n_rows:,} rows: the files are from different preparations; prepare "
+                         "this source again")
+    bad = np.flatnonzero((n_choices < 2) | (answers >= n_choices))
+    if len(bad):
+        q = int(bad[0])
+        raise ValueError(f"{path}: question {q} has {n_choices[q]} choices and answer {answers[q]}; expected at "
+                         "least 2 choices and an answer below their number")
+    first_rows = np.cumsum(n_choices) - n_choices
+    return first_rows, n_choices, answers
 
 
 def open_tokens(source_dir, split, meta, mask=False):
@@ -116,13 +152,13 @@ def parse_data_spec(spec):
     return sources
 
 
-def to_tensors(x, y, device):
-    """int64 numpy (x, y) -> torch tensors on device (via pinned memory to a GPU: the copy can overlap)."""
+def to_tensors(device, *arrays):
+    """int64 numpy arrays -> torch tensors on device (via pinned memory to a GPU: the copy can overlap)."""
     import torch  # here, not at the top: prepare/ imports this file and never needs torch (module docstring)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    tensors = [torch.from_numpy(a) for a in arrays]
     if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
 
 
 class Batches:
@@ -135,6 +171,10 @@ class Batches:
             the longest (x with 0, y with -1); y is -1 wherever the loss mask is 0 (with loss_mask), so only
             the assistant's tokens are learned. A weight repeats a source's conversations per epoch
             ('alpaca,identity:4'; a fraction adds a random subset)
+      choice batch_size whole questions of a multiple-choice source, every choice a row (the prompt and that
+            choice, y -1 but on the choice's tokens), batched like conversations; a batch is (x, y,
+            n_choices, answers): the rows of question i follow those of question i - 1, and answers[i] is the
+            index of its right row among them. train.py's loss ranks the rows of each question
 
     get_batch(split, step, micro_step) is a pure function of (seed, split, step, micro-step, rank): there is
     no sampler state to save, so a resumed run draws exactly the batches an uninterrupted one would, and
@@ -158,11 +198,15 @@ class Batches:
                                 self.metas[name]["vocab_size"])
         formats = {meta["format"] for meta in self.metas.values()}
         if len(formats) > 1:
-            raise ValueError(f"data={spec!r} mixes text and chat sources; mix chat data with chat data "
-                             "(or use prepare/mix.py)")
+            raise ValueError(f"data={spec!r} mixes formats (" + ", ".join(
+                f"{name}: {meta['format']}" for name, meta in self.metas.items()) + "); mix sources of one "
+                "format: text with text, chat with chat, choice with choice")
         # a model trained on chat data is a chat model: eval.py, chat.py and sample.py read this from its
         # checkpoint
         self.format = formats.pop()
+        if self.format == "choice" and not loss_mask:
+            raise ValueError(f"data={spec!r} is choice data, whose loss compares the choices' own tokens: "
+                             "loss_mask=False does not apply to it")
         tokenizer_shas = {meta["tokenizer_sha256"] for meta in self.metas.values()}
         if len(tokenizer_shas) > 1:
             raise ValueError(f"data={spec!r}: the sources were prepared with different tokenizers; "
@@ -181,7 +225,7 @@ class Batches:
                         raise ValueError(f"{self.source_dir(name)}/{split}.bin has {n} tokens, "
                                          f"too few for block_size={block_size}")
         else:
-            self.read_conversations()
+            self.index_documents()
 
     def source_dir(self, name):
         return os.path.join(self.data_dir, name)
@@ -190,23 +234,36 @@ class Batches:
         # a fresh memmap per batch, as nanoGPT does: a long-lived one grows the process's resident memory
         return open_tokens(self.source_dir(name), split, self.metas[name], mask=mask)
 
-    # --- chat: where each conversation is, and the batches of each epoch
+    # --- chat and choice: where each conversation (question) is, and the batches of each epoch
 
-    def read_conversations(self):
+    def index_documents(self):
         for name in self.names:
             for split in ("train", "val"):
                 if not os.path.exists(token_file_path(self.source_dir(name), split, mask=True)):
-                    raise FileNotFoundError(f"data={self.spec!r}: chat data needs {{split}}.mask.bin beside "
-                                            "each {split}.bin (prepare/chat.py writes both)")
-        # (starts, lengths) of every conversation: each one begins with <|bos|>
+                    raise FileNotFoundError(f"data={self.spec!r}: {self.format} data needs {{split}}.mask.bin "
+                                            "beside each {split}.bin (prepare/ writes both)")
+        # (starts, lengths) of every conversation (choice data: every row): each one begins with <|bos|>
         self.spans = {name: {} for name in self.names}
+        # what a batch is made of: conversations, or questions with all their rows; a question's length is
+        # its longest row's
+        self.unit_lengths = {name: {} for name in self.names}
+        self.questions = {name: {} for name in self.names}  # choice data: (first row, choices, answer) arrays
         for name in self.names:
             for split in ("train", "val"):
                 starts = np.flatnonzero(self.tokens(name, split) == self.tokenizer.bos_id)
                 if len(starts) == 0 or starts[0] != 0:
-                    raise ValueError(f"{self.source_dir(name)}/{split}.bin: chat data must start every "
-                                     "conversation with <|bos|>")
-                self.spans[name][split] = starts, np.diff(np.append(starts, len(self.tokens(name, split))))
+                    raise ValueError(f"{self.source_dir(name)}/{split}.bin: {self.format} data must start every "
+                                     f"{'row' if self.format == 'choice' else 'conversation'} with <|bos|>")
+                lengths = np.diff(np.append(starts, len(self.tokens(name, split))))
+                self.spans[name][split] = starts, lengths
+                self.unit_lengths[name][split] = lengths
+                if self.format == "choice":
+                    first_rows, n_choices, answers = read_choices(self.source_dir(name), split, len(starts))
+                    self.questions[name][split] = first_rows, n_choices, answers
+                    self.unit_lengths[name][split] = np.maximum.reduceat(lengths, first_rows)
+        # eval.py scores a choice with <|bos|> first only where the tokenizer's scoring puts it (SmolLM2's does
+        # not); the rows are read the same way, so that training ranks exactly what evaluation compares
+        self.skip_row_bos = int(self.format == "choice" and self.tokenizer.scoring_bos_id != self.tokenizer.bos_id)
         self.epoch_cache = {}  # (split, epoch) -> its batches: epoch 0 (evaluations) and the epoch in use
         self.batches_per_epoch = {split: len(self.epoch_batches(split, 0)) for split in ("val", "train")}
         # what the summary reports, and the one check that needs every conversation
@@ -214,7 +271,7 @@ class Batches:
         self.n_conversations = sum(len(starts) for starts, _ in train_spans)
         self.n_truncated = sum(int((lengths > self.block_size + 1).sum()) for _, lengths in train_spans)
         self.n_untrained = 0
-        if self.loss_mask and self.n_truncated:
+        if self.format == "chat" and self.loss_mask and self.n_truncated:
             # a conversation cut before its first assistant token trains nothing (a long system prompt
             # can do that)
             for name, (starts, lengths) in zip(self.names, train_spans):
@@ -238,13 +295,13 @@ class Batches:
         rng = np.random.default_rng([self.seed, SPLIT_INDEX[split], epoch])
         items, lengths = [], []
         for s, (name, weight) in enumerate(self.sources):
-            n = len(self.spans[name][split][0])
+            n = len(self.unit_lengths[name][split])
             repeats = int(weight) if split == "train" else 1
             chosen = list(range(n)) * repeats
             if split == "train" and weight % 1:
                 chosen += rng.choice(n, size=round(n * (weight % 1)), replace=False).tolist()
             items += [(s, c) for c in chosen]
-            lengths += self.spans[name][split][1][chosen].tolist()
+            lengths += self.unit_lengths[name][split][chosen].tolist()
         order = rng.permutation(len(items)) if split == "train" else np.arange(len(items))
         batches = []
         group = self.batch_size * 64  # sort by length within groups of 64 batches; shuffled between them
@@ -259,19 +316,41 @@ class Batches:
         self.epoch_cache[split, epoch] = batches
         return batches
 
+    def row(self, name, split, r):
+        """
+        (inputs, targets) of document r of a chat or choice source, at most block_size of them: a conversation
+        keeps its start, a choice row its end (the choice it scores).
+        """
+        starts, lengths = self.spans[name][split]
+        start, length = starts[r] + self.skip_row_bos, lengths[r] - self.skip_row_bos
+        if self.format == "choice":
+            start += max(0, length - self.block_size - 1)
+        length = min(length, self.block_size + 1)
+        tokens = self.tokens(name, split)[start:start + length].astype(np.int64)
+        mask = self.tokens(name, split, mask=True)[start:start + length]
+        targets = tokens[1:].copy()
+        if self.loss_mask:
+            targets[mask[1:] == 0] = -1
+        return tokens[:-1], targets
+
     def conversation_batch(self, split, conversations):
-        """(x, y) for a list of (source index, conversation index), padded to the longest (x 8)."""
-        rows = []
-        for s, c in conversations:
+        """(x, y) for a list of (source index, conversation index)."""
+        return to_tensors(self.device, *self.padded([self.row(self.names[s], split, c) for s, c in conversations]))
+
+    def choice_batch(self, split, questions):
+        """(x, y, n_choices, answers) for a list of (source index, question index): every choice a row."""
+        rows, n_choices, answers = [], [], []
+        for s, q in questions:
             name = self.names[s]
-            starts, lengths = self.spans[name][split]
-            start, length = starts[c], min(lengths[c], self.block_size + 1)
-            tokens = self.tokens(name, split)[start:start + length].astype(np.int64)
-            mask = self.tokens(name, split, mask=True)[start:start + length]
-            targets = tokens[1:].copy()
-            if self.loss_mask:
-                targets[mask[1:] == 0] = -1
-            rows.append((tokens[:-1], targets))
+            first_rows, choices, right = (a[q] for a in self.questions[name][split])
+            rows += [self.row(name, split, r) for r in range(first_rows, first_rows + choices)]
+            n_choices.append(choices)
+            answers.append(right)
+        x, y = self.padded(rows)
+        return to_tensors(self.device, x, y, np.array(n_choices, dtype=np.int64), np.array(answers, dtype=np.int64))
+
+    def padded(self, rows):
+        """[(inputs, targets)] -> (x, y) arrays, padded to the longest (x 8) with 0 in x, -1 in y."""
         width = max(len(x) for x, _ in rows)
         width = min(self.block_size, -(-width // 8) * 8)  # a multiple of 8 suits the GPU's matmul tiles
         x = np.zeros((len(rows), width), dtype=np.int64)
@@ -279,7 +358,7 @@ class Batches:
         for i, (tokens, targets) in enumerate(rows):
             x[i, :len(tokens)] = tokens
             y[i, :len(targets)] = targets
-        return to_tensors(x, y, self.device)
+        return x, y
 
     # --- text: random windows
 
@@ -289,18 +368,19 @@ class Batches:
         starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
         x = np.stack([tokens[i:i + self.block_size] for i in starts]).astype(np.int64)
         y = np.stack([tokens[i + 1:i + 1 + self.block_size] for i in starts]).astype(np.int64)
-        return to_tensors(x, y, self.device)
+        return to_tensors(self.device, x, y)
 
     # --- what train.py asks for
 
     def get_batch(self, split, step, micro_step):
-        """(x, y) for micro-batch micro_step of optimizer step `step` on this process (rank)."""
+        """(x, y) (choice data: (x, y, n_choices, answers)) for micro-batch micro_step of optimizer step `step`
+        on this process (rank)."""
         global_micro_step = self.rank * self.accumulation + micro_step  # DDP ranks split one big step
-        if self.format == "chat":
-            # the conversations in order of the (split, epoch) batches, one micro-batch after another
+        if self.format != "text":
+            # the conversations (questions) in order of the (split, epoch) batches, one micro-batch after another
             index = step * self.world_size * self.accumulation + global_micro_step
             epoch, position = divmod(index, self.batches_per_epoch[split])
-            return self.conversation_batch(split, self.epoch_batches(split, epoch)[position])
+            return self.unit_batch(split, self.epoch_batches(split, epoch)[position])
         rng = np.random.default_rng([self.seed, SPLIT_INDEX[split], step, global_micro_step])
         name = self.names[rng.choice(len(self.names), p=self.text_weights)]
         return self.window_batch(name, split, rng)
@@ -311,10 +391,13 @@ class Batches:
         windows of each source. Chat: one group (all sources), the first eval_iters batches of the val
         conversations in order, or of the first training epoch. Each batch is made when it is reached.
         """
-        if self.format == "chat":
-            conversations = self.epoch_batches(split, 0)[:eval_iters]
-            return [(",".join(self.names), (self.conversation_batch(split, c) for c in conversations))]
+        if self.format != "text":
+            units = self.epoch_batches(split, 0)[:eval_iters]
+            return [(",".join(self.names), (self.unit_batch(split, u) for u in units))]
         return [(name, self.eval_windows(name, s, split, eval_iters)) for s, name in enumerate(self.names)]
+
+    def unit_batch(self, split, units):
+        return self.choice_batch(split, units) if self.format == "choice" else self.conversation_batch(split, units)
 
     def eval_windows(self, name, s, split, eval_iters):
         """The evaluation batches of text source s: the same random windows at every evaluation."""
@@ -327,7 +410,7 @@ class Batches:
         {(split, source): mean loss per learned token} over eval_batches -> train_loss and val_loss (text: the
         sources weighed as in training); for text also val_bpb, and val_loss_per_source when there are several.
         """
-        if self.format == "chat":
+        if self.format != "text":
             return {f"{split}_loss": loss for (split, _), loss in losses.items()}
         weights = dict(zip(self.names, self.text_weights))
         result = {f"{split}_loss": float(sum(weights[name] * losses[split, name] for name in self.names))
@@ -345,7 +428,7 @@ class Batches:
     def steps_for_epochs(self, num_epochs):
         """Optimizer steps for num_epochs passes over the training data (on every process together)."""
         micro_batches_per_step = self.accumulation * self.world_size
-        if self.format == "chat":
+        if self.format != "text":
             return math.ceil(num_epochs * self.batches_per_epoch["train"] / micro_batches_per_step)
         train_tokens = sum(self.metas[name]["splits"]["train"]["tokens"] for name in self.names)
         tokens_per_step = self.batch_size * self.block_size * micro_batches_per_step
@@ -364,6 +447,15 @@ class Batches:
         if self.format == "text":
             return lines
         per_epoch = sum(map(len, self.epoch_batches("train", 0)))
+        if self.format == "choice":
+            n_questions = sum(len(self.questions[name]["train"][0]) for name in self.names)
+            lines.append(f"choice data: {n_questions:,} questions ({per_epoch:,} per epoch) with "
+                         f"{self.n_conversations:,} choices, {self.batches_per_epoch['train']:,} batches of "
+                         f"{self.batch_size} questions per epoch; {self.n_truncated:,} choices longer than "
+                         f"block_size={self.block_size} keep their last {self.block_size} tokens")
+            lines.append("loss: each question's cross-entropy over its choices' summed log-likelihoods "
+                         "(what eval.py's base-mode acc picks the answer by)")
+            return lines
         lines.append(f"chat data: {self.n_conversations:,} conversations ({per_epoch:,} per epoch), "
                      f"{self.batches_per_epoch['train']:,} batches per epoch; "
                      f"{self.n_truncated:,} longer than block_size={self.block_size} are truncated")
@@ -389,15 +481,17 @@ def token_dtype(vocab_size):
 
 
 class TokenWriter:
-    """Appends documents' token ids (and loss masks) to a split's files; counts tokens, bytes, documents."""
+    """Appends documents' token ids (and loss masks, and questions) to a split's files; counts tokens, bytes,
+    documents (and questions)."""
 
-    def __init__(self, out_dir, split, vocab_size, with_mask=False):
+    def __init__(self, out_dir, split, vocab_size, with_mask=False, with_choices=False):
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
         self.path = os.path.join(out_dir, f"{split}.bin")
         self.tokens_file = open(self.path + ".tmp", "wb")
         self.mask_file = open(os.path.join(out_dir, f"{split}.mask.bin.tmp"), "wb") if with_mask else None
-        self.counts = {"tokens": 0, "bytes": 0, "documents": 0}
+        self.choices_file = open(choices_file_path(out_dir, split) + ".tmp", "wb") if with_choices else None
+        self.counts = {"tokens": 0, "bytes": 0, "documents": 0, **({"questions": 0} if with_choices else {})}
 
     def add(self, ids, n_bytes, mask=None, documents=1):
         """Append tokens (one document, or several already joined: say how many) and count them."""
@@ -414,9 +508,17 @@ class TokenWriter:
         self.counts["bytes"] += int(n_bytes)
         self.counts["documents"] += documents
 
+    def add_question(self, n_choices, answer):
+        """Choice data: the question whose rows (one document per choice) were just added, and its answer."""
+        if not 2 <= n_choices <= 255 or not 0 <= answer < n_choices:
+            raise ValueError(f"{self.path}: a question needs 2 to 255 choices and an answer among them, not "
+                             f"{n_choices} choices and answer {answer}")
+        self.choices_file.write(bytes([n_choices, answer]))
+        self.counts["questions"] += 1
+
     def close(self):
         """Finish the files; they only take their real names once complete."""
-        for f in (self.tokens_file, self.mask_file):
+        for f in (self.tokens_file, self.mask_file, self.choices_file):
             if f is not None:
                 f.close()
                 os.replace(f.name, f.name[:-len(".tmp")])

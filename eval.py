@@ -1076,6 +1076,9 @@ def run_bpb(model, tokenizer, checkpoint):
     counts = meta["splits"].get("val", {})
     if not counts.get("tokens"):
         return {"skipped": f"{folder} has no val split (prepare it with a --val_fraction above 0)"}
+    if meta["format"] == "choice":
+        return {"skipped": f"{folder} is choice data (questions and their choices): score them with their task, "
+                           "e.g. --tasks=openbookqa --split=val"}
     if meta["format"] == "chat":
         metrics = answer_bits_per_byte(model, tokenizer, folder, meta, tokenizer.vocab_size)
         return {"data": folder, "split": "val", "counted": "the assistant's answers (loss mask 1)",
@@ -1096,8 +1099,8 @@ def run_holdout(task, model, tokenizer, checkpoint, other=None):
     except (FileNotFoundError, ValueError) as e:
         return {"skipped": f"{e} (chat:NAME reads data_dir/NAME; set --data_dir)"}
     if meta["format"] != "chat":
-        return {"skipped": f"{folder} is text data; {task} scores the conversations held out of a chat "
-                           "source (prepare/chat.py); for text use "
+        return {"skipped": f"{folder} is {meta['format']} data; {task} scores the conversations held out of a "
+                           "chat source (prepare/chat.py); for text use "
                            f"--tasks=bpb --bpb_data={os.path.basename(folder)}"}
     check_source_tokenizer(folder, meta, tokenizer)
     if not meta["splits"].get("val", {}).get("tokens"):

@@ -6,7 +6,8 @@ Train a model: pretraining, midtraining and SFT share this one loop over memmapp
     torchrun --standalone --nproc_per_node=4 train.py config/pretrain_tinystories.py
 
 Every setting below can be changed by a config file or a --key=value override (configurator.py). The
-batches (text windows, or whole conversations with a loss mask) come from data.py; the model, LoRA and the
+batches (text windows, whole conversations with a loss mask, or multiple-choice questions whose choices the
+loss ranks) come from data.py; the model, LoRA and the
 optimizer from model.py; checkpoints are read and written by checkpoint.py.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import engine
@@ -235,6 +237,9 @@ else:
     except (FileNotFoundError, ValueError) as e:
         fail(f"init_from={init_from!r}: {e}")
 model_args = model.args
+# what the trained model is, for its checkpoint: chat data makes a chat model; choice data (a ranking of
+# answers) leaves the model what it was
+model_format = batches.format if batches.format != "choice" else (checkpoint or {}).get("data_format", "text")
 if block_size > model_args.max_seq_len:
     fail(f"block_size={block_size} is above the model's max_seq_len={model_args.max_seq_len}")
 if freeze_embeddings:
@@ -328,27 +333,60 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def batch_loss(model, batch):
+    """
+    (summed loss, right answers) of one micro-batch. Text and chat: the cross-entropy summed over the learned
+    tokens. Choice data (data.py): for each question, the cross-entropy of a softmax over its choices' scores,
+    a score being the summed log-likelihood of the choice's tokens (what eval.py's base-mode acc compares), so
+    the right choice is pushed above the others rather than only made likelier; summed over the questions.
+    Right answers: the questions whose right choice scores highest (None for text and chat).
+    """
+    if len(batch) == 2:
+        x, y = batch
+        _, loss_sum = model(x, y, loss_reduction="sum")
+        return loss_sum, None
+    x, y, n_choices, answers = batch
+    _, token_losses = model(x, y, loss_reduction="none")
+    scores = -token_losses.float().sum(1)  # one per row: the log-likelihood of its choice
+    # a (questions, most choices) table of the scores, question i's rows following question i - 1's; a
+    # question with fewer choices is padded with -inf, which the softmax gives no weight
+    column = torch.arange(int(n_choices.max()), device=scores.device)
+    first_rows = torch.cumsum(n_choices, 0) - n_choices
+    rows = (first_rows[:, None] + column).clamp(max=len(scores) - 1)
+    table = scores[rows].masked_fill(column >= n_choices[:, None], float("-inf"))
+    return F.cross_entropy(table, answers, reduction="sum"), (table.argmax(1) == answers).sum()
+
+
+def loss_count(batch):
+    """What a micro-batch's loss is summed over: its learned tokens, or (choice data) its questions."""
+    return (batch[1] != -1).sum() if len(batch) == 2 else torch.tensor(len(batch[3]), device=batch[3].device)
+
+
 @torch.no_grad()
 def estimate_loss():
-    """Loss per learned token of each split on the same batches every time; val bits per byte for text."""
+    """Loss per learned token (choice data: per question, and the share answered right) of each split on the
+    same batches every time; val bits per byte for text."""
     model.eval()
-    losses = {}  # (split, source) -> mean loss per learned token
+    losses, accuracy = {}, {}  # (split, source) -> mean loss per learned token; split -> share right
     for split in ("train", "val"):
         for source, eval_batches in batches.eval_batches(split, eval_iters):
-            loss_sum, n_targets = 0.0, 0
-            for x, y in eval_batches:
+            loss_sum, count, right = 0.0, 0, 0
+            for batch in eval_batches:
                 with autocast:
-                    _, loss = raw_model(x, y, loss_reduction="sum")
-                loss_sum, n_targets = loss_sum + loss.item(), n_targets + int((y != -1).sum())
-            losses[split, source] = loss_sum / max(1, n_targets)
+                    loss, n_right = batch_loss(raw_model, batch)
+                loss_sum, count = loss_sum + loss.item(), count + int(loss_count(batch))
+                right += int(n_right or 0)
+            losses[split, source] = loss_sum / max(1, count)
+            if batches.format == "choice":
+                accuracy[f"{split}_acc"] = right / max(1, count)
     model.train()
-    return batches.eval_summary(losses)  # train_loss, val_loss, and val_bpb for text
+    return {**batches.eval_summary(losses), **accuracy}  # train_loss, val_loss; val_bpb for text; choice: acc
 
 
 def make_checkpoint(with_training_state):
     """This run's checkpoint (docs/formats.md); with the training state, what an exact resume needs too."""
     checkpoint = {"model_args": asdict(model_args), "tokenizer": tokenizer.to_json(),
-                  "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": batches.format,
+                  "tokenizer_sha256": tokenizer.sha256, "config": config, "data_format": model_format,
                   "data_tokens": data_tokens, "iter_num": iter_num, "best_val_loss": best_val_loss,
                   "best_iter": best_iter, "tokens_seen": tokens_seen + tokens_since_start, **lora_entries}
     if lora_entries:
@@ -421,7 +459,7 @@ def print_samples():
     """A greedy sample for each of sample_prompts, printed and logged: what the model writes, evaluation by
     evaluation. Through the one generation engine; a chat model answers each prompt as a user turn."""
     raw_model.eval()
-    chat = batches.format == "chat"
+    chat = model_format == "chat"
     for prompt_text in prompts:
         if chat:
             prompt = tokenizer.render_for_completion([{"role": "user", "content": prompt_text}])
@@ -472,6 +510,8 @@ while True:
         elif not eval_only:
             evals_without_improvement += 1
         bpb_text = f", val bpb {losses['val_bpb']:.4f}" if "val_bpb" in losses else ""
+        if "val_acc" in losses:
+            bpb_text = f", train acc {losses['train_acc']:.1%}, val acc {losses['val_acc']:.1%}"
         log(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             f"{bpb_text}{' (best)' if improved else ''} [{eval_seconds:.1f}s]")
         eval_history.append((losses["train_loss"], losses["val_loss"]))
@@ -516,19 +556,22 @@ while True:
     micro_batches = [batches.get_batch("train", iter_num, m) for m in range(gradient_accumulation_steps)]
     # the loss is normalized by the trainable targets of the whole step (all processes), so that every
     # target weighs the same however the targets are spread over micro-batches
-    n_targets = sum((y != -1).sum() for _, y in micro_batches).float()
-    step_tokens = torch.tensor(float(sum(x.numel() for x, _ in micro_batches)), device=device)
+    # (choice data: by its questions)
+    n_targets = sum(loss_count(batch) for batch in micro_batches).float()
+    step_tokens = torch.tensor(float(sum(batch[0].numel() for batch in micro_batches)), device=device)
+    learned_tokens = sum((batch[1] != -1).sum() for batch in micro_batches).float()  # where the head runs
     if ddp:
         dist.all_reduce(n_targets)
         dist.all_reduce(step_tokens)
+        dist.all_reduce(learned_tokens)
     n_targets = n_targets.clamp(min=1.0)  # a step with nothing to learn: zero loss and gradient, not NaN
     loss_sum_local = torch.zeros((), device=device)
     try:
-        for micro_step, (x, y) in enumerate(micro_batches):
+        for micro_step, batch in enumerate(micro_batches):
             sync = micro_step == gradient_accumulation_steps - 1
             with model.no_sync() if (ddp and not sync) else nullcontext():
                 with autocast:
-                    _, loss_sum = model(x, y, loss_reduction="sum")
+                    loss_sum, _ = batch_loss(model, batch)
                 # DDP averages gradients over processes, hence the world_size
                 scaler.scale(loss_sum * world_size / n_targets).backward()
             loss_sum_local += loss_sum.detach()
@@ -556,7 +599,7 @@ while True:
     if iter_num % log_interval == 0 or iter_num == start_iter + 1:
         ms_per_iter = dt * 1000
         tokens_per_sec = step_tokens / dt
-        step_flops = flops_per_token_at_block * step_tokens - head_flops_per_token * (step_tokens - n_targets.item())
+        step_flops = flops_per_token_at_block * step_tokens - head_flops_per_token * (step_tokens - learned_tokens.item())
         mfu = step_flops / world_size / dt / peak_flops_per_device
         # the mean step time of this run so far, plus the evaluations still to come
         evals_left = (max_iters - 1) // eval_interval - (iter_num - 1) // eval_interval + 1  # + the final one

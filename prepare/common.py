@@ -467,6 +467,26 @@ def write_chat_splits(out_dir, tokenizer, splits, source, num_proc=1, batch_size
     return meta
 
 
+def write_choice_splits(out_dir, tokenizer, splits, source):
+    """
+    Write {split: list of questions} as a choice source: a question is (rows, answer), a row (ids, mask) for
+    one choice (it starts with <|bos|>; mask 1 on the choice's own tokens). Tokens, masks, <split>.choices.bin
+    and meta.json, written aside as in write_text_splits.
+    """
+    counts = {}
+    with written_aside(out_dir) as work:
+        for split, questions in splits.items():
+            writer = TokenWriter(work, split, tokenizer.vocab_size, with_mask=True, with_choices=True)
+            for rows, answer, n_bytes in questions:  # n_bytes: the UTF-8 bytes of the question and its choices
+                for i, (ids, mask) in enumerate(rows):
+                    writer.add(ids, n_bytes if i == 0 else 0, mask)
+                writer.add_question(len(rows), answer)
+            counts[split] = writer.close()
+        meta = finish_source(work, tokenizer, counts, source, "choice")
+    print_counts(out_dir, meta)
+    return meta
+
+
 def finish_source(out_dir, tokenizer, counts, source, fmt):
     """meta.json and the tokenizer copy; an empty split is an error (exit 1) before anything replaces the old folder."""
     for split, c in counts.items():
@@ -479,10 +499,11 @@ def finish_source(out_dir, tokenizer, counts, source, fmt):
 def print_counts(out_dir, meta):
     for split, c in meta["splits"].items():
         mask_part = ""
-        if meta["format"] == "chat":
+        if meta["format"] != "text":
             trained = int(np.fromfile(os.path.join(out_dir, f"{split}.mask.bin"), dtype=np.uint8).sum())
             mask_part = f", {trained:,} trained (mask 1)"
-        what = "conversations" if meta["format"] == "chat" else "documents"
+        what = {"chat": "conversations", "choice": f"rows (the choices of {c.get('questions', 0):,} questions)"}.get(
+            meta["format"], "documents")
         print(f"{out_dir}/{split}.bin: {c['documents']:,} {what}, {c['tokens']:,} tokens{mask_part}, "
               f"{c['bytes']:,} bytes ({c['bytes'] / max(c['tokens'], 1):.2f} bytes/token)")
 

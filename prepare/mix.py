@@ -98,8 +98,10 @@ def main():
         fail(f"the sources were prepared with different tokenizers ({listing}); prepare them all with the same one")
     formats = {metas[n]["format"] for n in metas}
     if len(formats) > 1:
-        fail("the sources mix text and chat data (" + ", ".join(f"{n}: {m['format']}" for n, m in metas.items()) + ")")
+        fail("the sources mix formats (" + ", ".join(f"{n}: {m['format']}" for n, m in metas.items()) + ")")
     fmt = formats.pop()
+    if fmt == "choice":  # its questions file would need renumbering; train.py mixes them as they are
+        fail("choice sources are mixed by train.py itself: --data=" + ",".join(n for n, _ in weights))
     first = os.path.join(data_dir, weights[0][0])
     tokenizer = Tokenizer.from_file(os.path.join(first, "tokenizer.json"))
     if tokenizer.sha256 != shas.copy().pop():

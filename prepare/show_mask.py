@@ -39,8 +39,8 @@ def conversation_from_source(source_dir, split, index):
         tokens = open_tokens(source_dir, split, meta)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if meta["format"] != "chat":
-        fail(f"{source_dir} holds {meta['format']} data; the mask exists only for chat data")
+    if meta["format"] == "text":
+        fail(f"{source_dir} holds text data; the mask exists only for chat and choice data")
     tok = load_tokenizer(os.path.join(source_dir, "tokenizer.json"))
     mask = open_tokens(source_dir, split, meta, mask=True)
     starts = np.append(np.flatnonzero(tokens == tok.bos_id), len(tokens))

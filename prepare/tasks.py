@@ -10,12 +10,17 @@ Evaluation sets, normalized to the records of docs/formats.md, one JSONL file pe
     python prepare/tasks.py --tasks=arc_easy,gsm8k --out=data/tasks
     python prepare/tasks.py --tasks=openbookqa,arc_easy,arc_challenge --source=sample --as_text=mc_text \
         --tokenizer=hf:DIR                                    # also a text source of the right answers (below)
+    python prepare/tasks.py --tasks=openbookqa,arc_easy,arc_challenge --as_choices=mc_choice --tokenizer=hf:DIR
+                                                              # also a choice source: every choice, ranked (below)
 
 Writes data/tasks/<task>/<split>.jsonl (splits: train, val, test and MMLU's dev; whichever the source has).
 eval.py reads these files; prepare/chat.py renders them as conversations for midtraining and SFT. --as_text=NAME
 also writes the multiple-choice questions as a text source <data_dir>/NAME for train.py: each question one
 document, the prompt eval.py scores in base mode followed by the right answer (train: the train splits, val:
-the val splits), so that a fine-tune learns exactly what base-mode evaluation measures. A line ends
+the val splits), so that a fine-tune learns exactly what base-mode evaluation measures. --as_choices=NAME writes
+them as a choice source instead: every choice of a question a row, the prompt and that choice tokenized as eval.py
+scores them, with the index of the right one (docs/formats.md); train.py's loss on it ranks each question's choices
+by their summed log-likelihood, which is what base-mode acc picks the answer by. A line ends
 at '\\n' only: U+2028, U+2029 and U+0085 inside the text are written as JSON escapes, so that no reader that
 splits lines the way str.splitlines does can cut a record in two.
 """
@@ -33,15 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fail  # noqa: E402
 from configurator import configure  # noqa: E402
 from prepare.common import (download, load_tokenizer, local_source, output_dir, read_text,  # noqa: E402
-                            write_text_splits, written_aside)
+                            write_choice_splits, write_text_splits, written_aside)
 
 # -----------------------------------------------------------------------------------------------------
 tasks = "openbookqa,arc_easy,arc_challenge,mmlu,hellaswag,gsm8k"  # comma-separated
 source = ""  # 'sample' (prepare/sample), a folder laid out like it (or holding the official archives); empty = download
 out = "data/tasks"  # output folder: <out>/<task>/<split>.jsonl
 as_text = ""  # also write the multiple-choice questions as this text source: <data_dir>/<as_text>/{train,val}.bin
-tokenizer = "data/tokenizer.json"  # as_text: the tokenizer file, or 'gpt2', 'bytes' or 'hf:DIR'
-data_dir = "data"  # as_text: the folder of prepared sources
+as_choices = ""  # also write them as this choice source (every choice a row, ranked in training)
+tokenizer = "data/tokenizer.json"  # as_text, as_choices: the tokenizer file, or 'gpt2', 'bytes' or 'hf:DIR'
+data_dir = "data"  # as_text, as_choices: the folder of prepared sources
 num_proc = max(1, min(8, os.cpu_count() or 1))  # as_text: processes that tokenize
 # -----------------------------------------------------------------------------------------------------
 
@@ -257,15 +263,41 @@ def answer_documents(task, records):
     return [entry["prompt"](r) + " " + entry["target"](r) for r in records if r["answer"] >= 0]
 
 
+def choice_questions(task, records, tokenizer):
+    """
+    Multiple-choice records as a choice source's questions: (rows, answer, bytes), a row per choice holding
+    exactly the tokens eval.py scores in base mode (its prompt and encode_pair) after a <|bos|>, masked to the
+    choice's tokens.
+    """
+    import eval  # the evaluation's own prompts and tokenization: training ranks what evaluation compares
+    entry = eval.TASKS[task]
+    questions = []
+    for r in records:
+        if r["answer"] < 0:
+            continue
+        rows = []
+        for choice in entry["choices"](r):  # MMLU's are the letters its prompt lists
+            context, continuation = eval.encode_pair(tokenizer, entry["prompt"](r), " " + choice)
+            start = [] if context[:1] == [tokenizer.bos_id] else [tokenizer.bos_id]
+            rows.append((start + context + continuation, [0] * (len(start) + len(context)) + [1] * len(continuation)))
+        n_bytes = len((entry["prompt"](r) + "".join(" " + c for c in entry["choices"](r))).encode("utf-8"))
+        questions.append((rows, r["answer"], n_bytes))
+    return questions
+
+
 def main():
     folder = local_source(source)
     if folder and not os.path.isdir(folder):
         fail(f"--source {source}: no such folder (expected 'sample' or a folder laid out like prepare/sample, see "
              "its MANIFEST.md; empty downloads the official files)")
-    if as_text and "gsm8k" in tasks.split(","):
-        fail("--as_text writes multiple-choice questions with their right answer; leave gsm8k out of --tasks "
+    option = "--as_text" if as_text else "--as_choices"
+    if (as_text or as_choices) and "gsm8k" in tasks.split(","):
+        fail(f"{option} writes multiple-choice questions with their right answer; leave gsm8k out of --tasks "
              "(prepare/chat.py gsm8k renders it as conversations with calculator calls)")
-    documents = {"train": [], "val": []}
+    if as_text and as_choices:
+        fail("--as_text and --as_choices: one at a time (each writes its own source)")
+    token_source = load_tokenizer(tokenizer) if as_choices else None
+    documents = {"train": [], "val": []}  # as_text: strings; as_choices: questions (choice_questions)
     written = 0
     for task in tasks.split(","):
         if task not in TASKS:
@@ -290,16 +322,21 @@ def main():
         for split, records in found.items():
             print(f"{task:14s} {split:5s} {len(records):6d} records -> {os.path.join(task_dir, split + '.jsonl')}")
         written += 1
-        if as_text:  # MMLU has no train split: its few-shot 'dev' examples are the ones to learn from
-            for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
+        # MMLU has no train split: its few-shot 'dev' examples are the ones to learn from
+        for split, task_split in (("train", "dev" if task == "mmlu" else "train"), ("val", "val")):
+            if as_text:
                 documents[split] += answer_documents(task, found.get(task_split, []))
+            elif as_choices:
+                documents[split] += choice_questions(task, found.get(task_split, []), token_source)
     if not written:
         fail(f"--source {source}: none of the tasks {tasks} has a file in it (see prepare/sample/MANIFEST.md for "
              "the layout)")
+    if (as_text or as_choices) and (not documents["train"] or not documents["val"]):
+        fail(f"{option}: the tasks {tasks} have no " + ("train" if not documents["train"] else "val") +
+             f" questions in {folder or 'the download'}")
+    if as_choices:
+        write_choice_splits(output_dir("", data_dir, as_choices), token_source, documents, source=as_choices)
     if as_text:
-        if not documents["train"] or not documents["val"]:
-            fail(f"--as_text: the tasks {tasks} have no " + ("train" if not documents["train"] else "val") +
-                 f" questions in {folder or 'the download'}")
         write_text_splits(output_dir("", data_dir, as_text), load_tokenizer(tokenizer), documents, source=as_text,
                           num_proc=num_proc)
 

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -722,3 +723,35 @@ def test_as_text_writes_each_question_as_the_prompt_eval_scores_and_its_right_an
     bad = run_stage("prepare/tasks.py", "--source=sample", "--tasks=openbookqa,gsm8k", f"--out={tmp_path}/t2",
                     "--as_text=x", "--tokenizer=bytes", f"--data_dir={tmp_path}", check=False)
     assert bad.returncode == 1 and "leave gsm8k out of --tasks" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_as_choices_writes_every_choice_as_the_row_eval_scores_with_the_right_ones_index(tmp_path):
+    import eval as ev
+    run_stage("prepare/tasks.py", "--source=sample", "--tasks=openbookqa,arc_easy", f"--out={tmp_path}/tasks",
+              "--as_choices=mc_choice", "--tokenizer=bytes", f"--data_dir={tmp_path}")
+    folder = str(tmp_path / "mc_choice")
+    meta = read_meta(folder)
+    assert meta["format"] == "choice"
+    tok = Tokenizer.byte_level()
+    for split in ("train", "val"):
+        records = [(task, r) for task in ("openbookqa", "arc_easy") for r in load_task(task, split, SAMPLE_DATA)]
+        tokens = np.asarray(open_tokens(folder, split, meta)).tolist()
+        mask = np.asarray(open_tokens(folder, split, meta, mask=True)).tolist()
+        pairs = np.fromfile(f"{folder}/{split}.choices.bin", dtype=np.uint8).reshape(-1, 2).tolist()
+        assert meta["splits"][split]["questions"] == len(pairs) == len(records) > 0
+        assert pairs == [[len(r["choices"]), r["answer"]] for _, r in records]
+        starts = [i for i, t in enumerate(tokens) if t == tok.bos_id] + [len(tokens)]
+        assert meta["splits"][split]["documents"] == len(starts) - 1 == sum(len(r["choices"]) for _, r in records)
+        rows = iter(zip(starts, starts[1:]))
+        for task, r in records:
+            for choice in r["choices"]:
+                start, end = next(rows)
+                context, continuation = ev.encode_pair(tok, ev.TASKS[task]["prompt"](r), " " + choice)
+                assert tokens[start:end] == context + continuation  # byte-level: <|bos|> is eval's first token
+                assert mask[start:end] == [0] * len(context) + [1] * len(continuation)
+    shown = run_stage("prepare/show_mask.py", f"--source={folder}", "--index=1", "--plain=True").stdout
+    assert "[[" in shown  # the second row's choice: what its score sums
+    shutil.copytree(folder, tmp_path / "other")
+    mixed = run_stage("prepare/mix.py", f"--data_dir={tmp_path}", "--sources=mc_choice:0.5,other:0.5",
+                      f"--out={tmp_path}/mixed", check=False)
+    assert mixed.returncode == 1 and "mixed by train.py itself" in mixed.stderr

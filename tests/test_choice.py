@@ -4,12 +4,13 @@ choice files get a clear error."""
 
 import json
 import re
+import shutil
 from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 
 from checkpoint import save_checkpoint
 from conftest import SAMPLE_DATA, random_model, read_log, run_stage
@@ -18,17 +19,37 @@ from tokenizer import Tokenizer
 TOKENIZER = Tokenizer.byte_level()
 
 
-@pytest.fixture(scope="module")
-def choice_dir(tmp_path_factory):
-    """A task folder of 8 OpenBookQA questions (train and dev the same ones), its choice source 'choice', and a
-    random byte-level checkpoint."""
-    root = tmp_path_factory.mktemp("choice")
+def openbookqa_choice_source(root, tokenizer):
+    """root/src: a task folder of 8 OpenBookQA questions (train and dev the same ones); root/data/choice: their
+    choice source in the given tokenizer."""
     lines = (SAMPLE_DATA / "openbookqa" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]
     (root / "src" / "openbookqa").mkdir(parents=True)
     for split in ("train", "dev"):
         (root / "src" / "openbookqa" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     run_stage("prepare/tasks.py", f"--source={root / 'src'}", "--tasks=openbookqa", f"--out={root / 'tasks'}",
-              "--as_choices=choice", "--tokenizer=bytes", f"--data_dir={root / 'data'}")
+              "--as_choices=choice", f"--tokenizer={tokenizer}", f"--data_dir={root / 'data'}")
+
+
+def reported_and_evals(ckpt, root, out_dir):
+    """((val loss, val acc %) train.py reports on root/data/choice, (the same two from eval.py's base-mode scores
+    of root/src's questions)): each question's cross-entropy over its choices' log-likelihoods, and acc."""
+    reported = run_stage("train.py", f"--init_from={ckpt}", "--eval_only=True", f"--data_dir={root / 'data'}",
+                         *CHOICE_RUN).stdout
+    val_loss, val_acc = re.search(r"val loss ([\d.]+), .*val acc ([\d.]+)%", reported).groups()
+    run_stage("eval.py", f"--ckpt={ckpt}", "--tasks=openbookqa", "--split=val", f"--source={root / 'src'}",
+              "--mode=base", f"--results_file={out_dir / 'eval.json'}", "--num_threads=1")
+    items = json.loads((out_dir / "eval.json").read_text())["tasks"]["openbookqa"]["items"]
+    assert len(items) == 8
+    expected_loss = np.mean([float(F.cross_entropy(torch.tensor([item["loglikelihoods"]]),
+                                                   torch.tensor([item["answer"]]))) for item in items])
+    return (float(val_loss), float(val_acc)), (expected_loss, 100 * np.mean([item["acc"] for item in items]))
+
+
+@pytest.fixture(scope="module")
+def choice_dir(tmp_path_factory):
+    """openbookqa_choice_source in the byte-level tokenizer, and a random byte-level checkpoint random/ckpt.pt."""
+    root = tmp_path_factory.mktemp("choice")
+    openbookqa_choice_source(root, "bytes")
     model = random_model(seed=3, vocab_size=TOKENIZER.vocab_size, max_seq_len=512)
     save_checkpoint({"model_args": asdict(model.args), "model": model.state_dict(), "tokenizer": TOKENIZER.to_json(),
                      "tokenizer_sha256": TOKENIZER.sha256,
@@ -40,19 +61,11 @@ CHOICE_RUN = ["--data=choice", "--batch_size=4", "--block_size=512", "--eval_ite
               "--log_interval=1"]
 
 
-def test_the_loss_and_accuracy_are_those_of_evals_scores_of_the_same_questions(choice_dir):
-    reported = run_stage("train.py", f"--init_from={choice_dir / 'random' / 'ckpt.pt'}", "--eval_only=True",
-                         f"--data_dir={choice_dir / 'data'}", *CHOICE_RUN).stdout
-    val_loss, val_acc = re.search(r"val loss ([\d.]+), .*val acc ([\d.]+)%", reported).groups()
-    run_stage("eval.py", f"--ckpt={choice_dir / 'random' / 'ckpt.pt'}", "--tasks=openbookqa", "--split=val",
-              f"--source={choice_dir / 'src'}", "--mode=base", "--num_threads=1")
-    items = json.loads(next((choice_dir / "random").glob("eval_*.json")).read_text())["tasks"]["openbookqa"]["items"]
-    assert len(items) == 8
-    # eval.py's per-choice log-likelihoods -> the cross-entropy of the right one under a softmax over them
-    expected_loss = np.mean([float(F.cross_entropy(torch.tensor([item["loglikelihoods"]]),
-                                                   torch.tensor([item["answer"]]))) for item in items])
-    assert float(val_loss) == pytest.approx(expected_loss, abs=2e-3)
-    assert float(val_acc) == pytest.approx(100 * np.mean([item["acc"] for item in items]), abs=0.06)
+def test_the_loss_and_accuracy_are_those_of_evals_scores_of_the_same_questions(choice_dir, tmp_path):
+    (val_loss, val_acc), (expected_loss, expected_acc) = reported_and_evals(choice_dir / "random" / "ckpt.pt",
+                                                                           choice_dir, tmp_path)
+    assert val_loss == pytest.approx(expected_loss, abs=2e-3)  # printed with 4 decimals, from scores with 4
+    assert val_acc == pytest.approx(expected_acc, abs=0.06)  # printed with 1 decimal: k/8 exactly
 
 
 def test_a_model_learns_to_rank_the_right_choices_first(choice_dir, tmp_path):
@@ -67,7 +80,6 @@ def test_a_model_learns_to_rank_the_right_choices_first(choice_dir, tmp_path):
 
 def test_bad_choice_data_is_an_error_naming_the_file_or_setting(choice_dir, tmp_path):
     broken = tmp_path / "data"
-    import shutil
     shutil.copytree(choice_dir / "data" / "choice", broken / "choice")
     pairs = np.fromfile(broken / "choice" / "val.choices.bin", dtype=np.uint8)
     pairs[:-2].tofile(broken / "choice" / "val.choices.bin")  # the last question left out

@@ -130,7 +130,7 @@ def test_evaluation_batches_are_the_same_every_time(data_dir):
 
 
 def test_clear_errors(data_dir, tmp_path, tokenizer):
-    with pytest.raises(ValueError, match="mixes text and chat sources"):
+    with pytest.raises(ValueError, match=r"mixes formats \(text: text, chat: chat\)"):
         batches(data_dir, "text,chat")
     with pytest.raises(ValueError, match="weight 'x' of source 'chat' is not a number"):
         batches(data_dir, "chat:x")

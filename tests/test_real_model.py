@@ -316,3 +316,15 @@ def test_chat_py_answers_from_the_hf_folder(reference_folder):
     result = run_stage("chat.py", f"--ckpt=hf:{reference_folder}", f"--prompt={PARIS}", "--temperature=0",
                        "--max_new_tokens=24", "--device=cpu")
     assert "The capital of France is Paris." in result.stdout
+
+
+def test_choice_training_ranks_what_eval_py_scores_on_the_real_model(reference_folder, tmp_path):
+    """The ranking loss and accuracy train.py reports on 8 OpenBookQA questions are those of eval.py's base-mode
+    scores: with SmolLM2's tokenizer a row is read without the <|bos|> that starts it in the token file, as eval.py
+    scores a choice (after its own start token, not <|endoftext|>)."""
+    from test_choice import openbookqa_choice_source, reported_and_evals
+    openbookqa_choice_source(tmp_path, f"hf:{reference_folder}")
+    (val_loss, val_acc), (expected_loss, expected_acc) = reported_and_evals(f"hf:{reference_folder}", tmp_path,
+                                                                           tmp_path / "eval")
+    assert val_loss == pytest.approx(expected_loss, abs=2e-3)
+    assert val_acc == pytest.approx(expected_acc, abs=0.06)

@@ -171,7 +171,7 @@ def test_oversampling_and_refusals(chat_data, base_checkpoint, tmp_path):
     assert "num_epochs=0.5: 4 steps" in result.stdout  # half of 7 batches, rounded up
     mixed = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca,shakespeare",
                       f"--out_dir={tmp_path / 'bad'}", check=False)
-    assert mixed.returncode == 1 and "mixes text and chat sources" in mixed.stderr
+    assert mixed.returncode == 1 and "mixes formats (alpaca: chat, shakespeare: text)" in mixed.stderr
     scratch_lora = run_stage("train.py", *SFT, f"--data_dir={chat_data}", "--data=alpaca", "--lora_rank=4",
                              f"--out_dir={tmp_path / 'bad2'}", check=False)
     assert scratch_lora.returncode == 1 and "set --init_from" in scratch_lora.stderr

@@ -1284,6 +1284,7 @@ def main():
     print(f"\nresults: {result_path} ({time.time() - t_start:.1f}s)")
 
     if report:
+        os.makedirs(folder, exist_ok=True)  # out_dir, for an imported model, may not exist yet (a fresh clone)
         history_path = os.path.join(folder, "eval_history.jsonl")
         history = read_jsonl(history_path) if os.path.exists(history_path) else []
         row = summary(result)

@@ -7,8 +7,8 @@ Train a model: pretraining, midtraining and SFT share this one loop over memmapp
 
 Every setting below can be changed by a config file or a --key=value override (configurator.py). The
 batches (text windows, whole conversations with a loss mask, or multiple-choice questions whose choices the
-loss ranks) come from data.py; the model, LoRA and the
-optimizer from model.py; checkpoints are read and written by checkpoint.py.
+loss ranks) come from data.py; the model, LoRA and the optimizer from model.py; checkpoints are read and
+written by checkpoint.py.
 """
 
 import copy
@@ -509,11 +509,11 @@ while True:
             best_val_loss, best_iter, evals_without_improvement = losses["val_loss"], iter_num, 0
         elif not eval_only:
             evals_without_improvement += 1
-        bpb_text = f", val bpb {losses['val_bpb']:.4f}" if "val_bpb" in losses else ""
-        if "val_acc" in losses:
-            bpb_text = f", train acc {losses['train_acc']:.1%}, val acc {losses['val_acc']:.1%}"
+        also = f", val bpb {losses['val_bpb']:.4f}" if "val_bpb" in losses else ""  # text
+        if "val_acc" in losses:  # choice data
+            also = f", train acc {losses['train_acc']:.1%}, val acc {losses['val_acc']:.1%}"
         log(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
-            f"{bpb_text}{' (best)' if improved else ''} [{eval_seconds:.1f}s]")
+            f"{also}{' (best)' if improved else ''} [{eval_seconds:.1f}s]")
         eval_history.append((losses["train_loss"], losses["val_loss"]))
         recent = eval_history[-(overfit_warning_evals + 1):]
         overfit_warned = overfit_warned and not improved  # once per run of rising val losses
@@ -554,9 +554,8 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro_batches = [batches.get_batch("train", iter_num, m) for m in range(gradient_accumulation_steps)]
-    # the loss is normalized by the trainable targets of the whole step (all processes), so that every
-    # target weighs the same however the targets are spread over micro-batches
-    # (choice data: by its questions)
+    # the loss is normalized by the trainable targets (choice data: the questions) of the whole step (all
+    # processes), so that every target weighs the same however the targets are spread over micro-batches
     n_targets = sum(loss_count(batch) for batch in micro_batches).float()
     step_tokens = torch.tensor(float(sum(batch[0].numel() for batch in micro_batches)), device=device)
     learned_tokens = sum((batch[1] != -1).sum() for batch in micro_batches).float()  # where the head runs

@@ -37,7 +37,8 @@ def reported_and_evals(ckpt, root, out_dir):
                          *CHOICE_RUN).stdout
     val_loss, val_acc = re.search(r"val loss ([\d.]+), .*val acc ([\d.]+)%", reported).groups()
     run_stage("eval.py", f"--ckpt={ckpt}", "--tasks=openbookqa", "--split=val", f"--source={root / 'src'}",
-              "--mode=base", f"--results_file={out_dir / 'eval.json'}", "--num_threads=1")
+              "--mode=base", f"--results_file={out_dir / 'eval.json'}", f"--out_dir={out_dir / 'report'}",
+              "--num_threads=1")  # out_dir: where an hf: model's report card goes (made if missing)
     items = json.loads((out_dir / "eval.json").read_text())["tasks"]["openbookqa"]["items"]
     assert len(items) == 8
     expected_loss = np.mean([float(F.cross_entropy(torch.tensor([item["loglikelihoods"]]),

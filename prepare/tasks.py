@@ -275,12 +275,13 @@ def choice_questions(task, records, tokenizer):
     for r in records:
         if r["answer"] < 0:
             continue
+        prompt, choices = entry["prompt"](r), entry["choices"](r)  # MMLU's choices are the letters it lists
         rows = []
-        for choice in entry["choices"](r):  # MMLU's are the letters its prompt lists
-            context, continuation = eval.encode_pair(tokenizer, entry["prompt"](r), " " + choice)
+        for choice in choices:
+            context, continuation = eval.encode_pair(tokenizer, prompt, " " + choice)
             start = [] if context[:1] == [tokenizer.bos_id] else [tokenizer.bos_id]
             rows.append((start + context + continuation, [0] * (len(start) + len(context)) + [1] * len(continuation)))
-        n_bytes = len((entry["prompt"](r) + "".join(" " + c for c in entry["choices"](r))).encode("utf-8"))
+        n_bytes = len((prompt + "".join(" " + c for c in choices)).encode("utf-8"))
         questions.append((rows, r["answer"], n_bytes))
     return questions
 
@@ -296,7 +297,7 @@ def main():
              "(prepare/chat.py gsm8k renders it as conversations with calculator calls)")
     if as_text and as_choices:
         fail("--as_text and --as_choices: one at a time (each writes its own source)")
-    token_source = load_tokenizer(tokenizer) if as_choices else None
+    token_source = load_tokenizer(tokenizer) if (as_text or as_choices) else None  # before any file is written
     documents = {"train": [], "val": []}  # as_text: strings; as_choices: questions (choice_questions)
     written = 0
     for task in tasks.split(","):
@@ -337,7 +338,7 @@ def main():
     if as_choices:
         write_choice_splits(output_dir("", data_dir, as_choices), token_source, documents, source=as_choices)
     if as_text:
-        write_text_splits(output_dir("", data_dir, as_text), load_tokenizer(tokenizer), documents, source=as_text,
+        write_text_splits(output_dir("", data_dir, as_text), token_source, documents, source=as_text,
                           num_proc=num_proc)
 
 
